@@ -1,0 +1,94 @@
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, and the transfers API.
+//!
+//! Kept on its own listener (loopback by default) so the proxy port never exposes any of it.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{Empty, Full};
+use hyper::body::Incoming;
+
+use crate::metrics::Metrics;
+use crate::upstream::{UpstreamClient, UpstreamTarget};
+
+/// How long `/readyz` waits for the registry's `GET /v2/`.
+const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    /// A client of its own for probes: probes carry no body, proxied requests do.
+    pub probe: UpstreamClient<Empty<Bytes>>,
+    pub upstream: UpstreamTarget,
+    /// Set once shutdown begins, so load balancers stop sending new work.
+    draining: AtomicBool,
+}
+
+impl Admin {
+    pub fn new(metrics: Arc<Metrics>, probe: UpstreamClient<Empty<Bytes>>, upstream: UpstreamTarget) -> Self {
+        Admin { metrics, probe, upstream, draining: AtomicBool::new(false) }
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n"));
+        }
+        Ok(match req.uri().path() {
+            "/metrics" => {
+                let mut response = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => self.readiness().await,
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        })
+    }
+
+    /// Ready when not draining and the registry answers `GET /v2/` with anything but a 5xx
+    /// (a 401 means it is up and wants a token).
+    async fn readiness(&self) -> Response<Full<Bytes>> {
+        if self.draining.load(Ordering::Relaxed) {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        }
+        let Ok(uri) = self.upstream.uri_for(Some(&http::uri::PathAndQuery::from_static("/v2/"))) else {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "bad upstream\n");
+        };
+        let mut probe = Request::new(Empty::new());
+        *probe.uri_mut() = uri;
+        match tokio::time::timeout(READY_PROBE_TIMEOUT, self.probe.request(probe)).await {
+            Ok(Ok(response)) if !response.status().is_server_error() => text(StatusCode::OK, "ready\n"),
+            Ok(Ok(response)) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("upstream {} answered {}\n", self.upstream.display, response.status()),
+            ),
+            Ok(Err(error)) => {
+                let (_, cause) = crate::error::classify_client_error(&error);
+                text(StatusCode::SERVICE_UNAVAILABLE, &format!("upstream {} unreachable: {cause}\n", self.upstream.display))
+            }
+            Err(_) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("upstream {} did not answer within {READY_PROBE_TIMEOUT:?}\n", self.upstream.display),
+            ),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}

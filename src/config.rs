@@ -1,0 +1,159 @@
+//! Command line and environment: every flag has a `REGSCOPE_*` twin and a loopback default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::headers::HostMode;
+
+#[derive(Debug, Parser)]
+#[command(name = "regscope", version, about = "A transparent instrumenting reverse proxy for container registries.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `serve` is the default: its flags are accepted without the subcommand too.
+    #[command(flatten)]
+    pub serve: ServeConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Serve(ServeConfig),
+    /// Print the push and pull tables of a running regscope.
+    Report(ReportConfig),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address the proxy listens on.
+    #[arg(long, env = "REGSCOPE_LISTEN", default_value = "127.0.0.1:5001")]
+    pub listen: SocketAddr,
+
+    /// The registry to forward to: http:// or https://, with an optional port.
+    #[arg(long, env = "REGSCOPE_UPSTREAM", default_value = "http://127.0.0.1:5000")]
+    pub upstream: http::Uri,
+
+    /// Address of the admin port: /metrics, /healthz, /readyz, /api/v1/transfers.
+    #[arg(long, env = "REGSCOPE_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
+    pub admin_listen: SocketAddr,
+
+    /// PEM certificate chain: with --tls-key, the proxy listener speaks TLS (h2 and HTTP/1.1).
+    #[arg(long, env = "REGSCOPE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "REGSCOPE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) to trust for an https upstream, in addition to the system roots.
+    #[arg(long, env = "REGSCOPE_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Which Host the registry sees: the client's (preserve) or the upstream's (upstream).
+    #[arg(long, env = "REGSCOPE_HOST_HEADER", value_enum, default_value_t = HostMode::Preserve)]
+    pub host_header: HostMode,
+
+    /// How long in-flight requests may run after SIGINT/SIGTERM before regscope exits anyway.
+    #[arg(long, env = "REGSCOPE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Time allowed to open a connection to the registry.
+    #[arg(long, env = "REGSCOPE_UPSTREAM_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// Time allowed from the request being fully forwarded to the registry's response head.
+    /// Generous by default: finishing a large upload makes the registry hash the whole blob.
+    #[arg(long, env = "REGSCOPE_UPSTREAM_RESPONSE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    pub upstream_response_timeout: Duration,
+
+    /// Idle pooled connections to the registry are closed after this long.
+    #[arg(long, env = "REGSCOPE_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
+    /// Opt into a `repository` label on per-repository counters, capped at this many distinct
+    /// repositories (later ones count as `other`). 0 disables it.
+    #[arg(long, env = "REGSCOPE_LABEL_REPOSITORY", default_value_t = 0)]
+    pub label_repository: usize,
+
+    /// Log format.
+    #[arg(long, env = "REGSCOPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReportConfig {
+    /// The admin address of the regscope to ask.
+    #[arg(long, env = "REGSCOPE_ADMIN", default_value = "http://127.0.0.1:9464")]
+    pub admin: http::Uri,
+
+    /// How many transfers, newest first.
+    #[arg(long, default_value_t = 10)]
+    pub last: usize,
+
+    /// Print the transfers as JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `250ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("invalid duration {text:?}: expected e.g. 30s, 500ms, 5m"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("invalid duration unit {other:?} in {text:?}: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let ok: &[(&str, Duration)] = &[
+            ("30s", Duration::from_secs(30)),
+            ("30", Duration::from_secs(30)),
+            ("250ms", Duration::from_millis(250)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("5m", Duration::from_secs(300)),
+            ("1h", Duration::from_secs(3600)),
+        ];
+        for (text, want) in ok {
+            assert_eq!(parse_duration(text).unwrap(), *want, "{text}");
+        }
+        for bad in ["", "s", "10x", "-1s", "1e9999s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_is_the_default() {
+        let cli = Cli::try_parse_from(["regscope", "--listen", "127.0.0.1:0"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.listen.port(), 0);
+        let cli = Cli::try_parse_from(["regscope", "serve", "--host-header", "upstream"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve(c)) if c.host_header == HostMode::Upstream));
+    }
+}

@@ -1,0 +1,159 @@
+//! Errors, and how upstream failures are answered: like a registry would, so that `docker`
+//! and `skopeo` print something a person can act on.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::metrics::UpstreamErrorKind;
+
+/// Why the proxy could not produce the registry's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("upstream {upstream} unreachable: {cause}")]
+    Unreachable { upstream: String, kind: UpstreamErrorKind, cause: String },
+    #[error("upstream {upstream} sent no response head within {after:?} of the request being forwarded")]
+    ResponseTimeout { upstream: String, after: Duration },
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("method {0} is not supported: regscope is a registry proxy, not a forward proxy")]
+    MethodNotAllowed(String),
+    #[error("service overloaded: {0}")]
+    Overloaded(&'static str),
+}
+
+/// Start-up failures: configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("upstream {0:?} must be an http:// or https:// URL with a host")]
+    UpstreamUrl(String),
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("no {what} found in {path}")]
+    EmptyPem { what: &'static str, path: String },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("binding {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Unreachable { kind: UpstreamErrorKind::ConnectTimeout, .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The registry error code (distribution's vocabulary) for the JSON body.
+    fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Unreachable { .. } | ProxyError::ResponseTimeout { .. } | ProxyError::Overloaded(_) => {
+                "UNAVAILABLE"
+            }
+            ProxyError::BadRequest(_) => "UNSUPPORTED",
+            ProxyError::MethodNotAllowed(_) => "UNSUPPORTED",
+        }
+    }
+
+    pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
+        match self {
+            ProxyError::Unreachable { kind, .. } => Some(*kind),
+            ProxyError::ResponseTimeout { .. } => Some(UpstreamErrorKind::ResponseTimeout),
+            _ => None,
+        }
+    }
+
+    /// A registry-style error response: `{"errors":[{"code":…,"message":…}]}`.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let message = format!("regscope: {self}");
+        let body = serde_json::json!({ "errors": [{ "code": self.code(), "message": message }] });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::HeaderName::from_static("docker-distribution-api-version"),
+            header::HeaderValue::from_static("registry/2.0"),
+        );
+        if matches!(self, ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_)) {
+            headers.insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+/// Classifies a failure of the upstream client into a cause a person can act on.
+pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> (UpstreamErrorKind, String) {
+    use std::error::Error as _;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = err.source();
+    let mut text = String::new();
+    let mut kind = None;
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            kind = kind.or(match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => Some(UpstreamErrorKind::ConnectRefused),
+                std::io::ErrorKind::TimedOut => Some(UpstreamErrorKind::ConnectTimeout),
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof => Some(UpstreamErrorKind::Reset),
+                _ => None,
+            });
+        }
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            kind = kind.or(Some(UpstreamErrorKind::Tls));
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                kind = kind.or(Some(UpstreamErrorKind::Reset));
+            }
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    if text.is_empty() {
+        text = err.to_string();
+    }
+    let kind = kind.unwrap_or(if err.is_connect() { UpstreamErrorKind::ConnectRefused } else { UpstreamErrorKind::Other });
+    (kind, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn error_bodies_are_registry_shaped() {
+        let e = ProxyError::Unreachable {
+            upstream: "http://127.0.0.1:5000".into(),
+            kind: UpstreamErrorKind::ConnectRefused,
+            cause: "connection refused".into(),
+        };
+        let response = e.to_response();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["errors"][0]["code"], "UNAVAILABLE");
+        let message = json["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains("http://127.0.0.1:5000") && message.contains("connection refused"), "{message}");
+    }
+
+    #[test]
+    fn statuses() {
+        let timeout = ProxyError::ResponseTimeout { upstream: "u".into(), after: Duration::from_secs(1) };
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(ProxyError::MethodNotAllowed("CONNECT".into()).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(ProxyError::BadRequest("x").status(), StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,322 @@
+//! One request's timeline, and what it records when it is over.
+//!
+//! An [`Exchange`] is shared (`Arc`) by the handler and the two timed bodies. Each of them
+//! writes its part once (`OnceLock`); the last one to let go triggers `Drop`, which records
+//! the metrics, writes the one log event, and hands the finished [`ExchangeRecord`] to the
+//! transfer tracker. So a request is recorded exactly once, however it ended.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use http::Method;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::metrics::{method_label, Metrics, UpstreamErrorKind, THROUGHPUT_MIN_BYTES};
+use crate::route::{Api, Operation, Route};
+use crate::timed_body::{BodyOutcome, BodyRecorder, Direction, Side};
+
+/// Where finished exchanges go after metrics and logs (the transfer tracker).
+pub trait ExchangeSink: Send + Sync {
+    fn finished(&self, record: ExchangeRecord);
+}
+
+/// What an exchange looked like, once it is over. Owned, so it can outlive the request.
+#[derive(Debug, Clone)]
+pub struct ExchangeRecord {
+    pub id: u64,
+    pub api: Api,
+    pub operation: Operation,
+    pub method: Method,
+    pub repository: Option<Box<str>>,
+    pub reference: Option<Box<str>>,
+    pub digest: Option<Box<str>>,
+    pub upload_id: Option<Box<str>>,
+    pub client: SocketAddr,
+    /// Response status; `None` if no response was ever produced.
+    pub status: Option<u16>,
+    /// Wall-clock time the request head arrived, for display.
+    pub started_wall: SystemTime,
+    /// Request head received.
+    pub received: Instant,
+    /// Request handed to the upstream client.
+    pub forwarded: Option<Instant>,
+    /// Upstream response head received.
+    pub response_head: Option<Instant>,
+    /// When the whole exchange was over.
+    pub ended: Instant,
+    pub upload: Option<BodyOutcome>,
+    pub download: Option<BodyOutcome>,
+    pub upstream_error: Option<UpstreamErrorKind>,
+    /// Selected response headers the transfer tracker needs (upload uuid, digest, length).
+    pub response_info: ResponseInfo,
+}
+
+/// The few response headers that tie requests into uploads and transfers.
+#[derive(Debug, Clone, Default)]
+pub struct ResponseInfo {
+    pub upload_uuid: Option<Box<str>>,
+    pub content_digest: Option<Box<str>>,
+    pub content_length: Option<u64>,
+}
+
+impl ExchangeRecord {
+    /// Request head in → response fully sent (or the exchange's end).
+    pub fn duration(&self) -> Duration {
+        self.ended.saturating_duration_since(self.received)
+    }
+
+    /// Request fully forwarded → response head: the registry's own processing time.
+    pub fn upstream_wait(&self) -> Option<Duration> {
+        let head = self.response_head?;
+        let sent = match (self.forwarded, self.upload.as_ref().map(|u| u.ended)) {
+            (Some(f), Some(u)) if u <= head => f.max(u),
+            (Some(f), _) => f,
+            (None, _) => return None,
+        };
+        Some(head.saturating_duration_since(sent))
+    }
+
+    /// The side that cut the exchange off, if any.
+    pub fn aborted_by(&self) -> Option<Side> {
+        let body = |b: &Option<BodyOutcome>| b.as_ref().and_then(|b| b.aborted_by());
+        body(&self.upload).or(body(&self.download)).or(self.upstream_error.map(|_| Side::Registry))
+    }
+}
+
+/// Shared context an exchange needs to record itself.
+pub struct Recorders {
+    pub metrics: Arc<Metrics>,
+    pub sink: Arc<dyn ExchangeSink>,
+}
+
+/// A live exchange. See the module docs.
+pub struct Exchange {
+    record: ExchangeRecord,
+    recorders: Arc<Recorders>,
+    /// The path with secrets redacted, for the log event.
+    log_path: Box<str>,
+    forwarded: OnceLock<Instant>,
+    response_head: OnceLock<Instant>,
+    status: AtomicU16,
+    upload: OnceLock<BodyOutcome>,
+    download: OnceLock<BodyOutcome>,
+    upstream_error: OnceLock<UpstreamErrorKind>,
+    response_info: OnceLock<ResponseInfo>,
+    /// Woken when the request body has been fully forwarded (starts the response timeout).
+    pub upload_done: Notify,
+    /// Live byte counts, for in-progress views.
+    pub upload_progress: Arc<AtomicU64>,
+    pub download_progress: Arc<AtomicU64>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Exchange {
+    pub fn start(
+        route: &Route<'_>,
+        method: &Method,
+        client: SocketAddr,
+        log_path: Box<str>,
+        recorders: Arc<Recorders>,
+    ) -> Arc<Exchange> {
+        let api = route.api();
+        recorders.metrics.in_flight.with_label_values(&[api.as_str()]).inc();
+        let owned = |s: Option<&str>| s.map(Box::from);
+        Arc::new(Exchange {
+            record: ExchangeRecord {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                api,
+                operation: route.operation,
+                method: method.clone(),
+                repository: owned(route.repository),
+                reference: owned(route.reference),
+                digest: owned(route.digest),
+                upload_id: owned(route.upload_id),
+                client,
+                status: None,
+                started_wall: SystemTime::now(),
+                received: Instant::now(),
+                forwarded: None,
+                response_head: None,
+                ended: Instant::now(),
+                upload: None,
+                download: None,
+                upstream_error: None,
+                response_info: ResponseInfo::default(),
+            },
+            recorders,
+            log_path,
+            forwarded: OnceLock::new(),
+            response_head: OnceLock::new(),
+            status: AtomicU16::new(0),
+            upload: OnceLock::new(),
+            download: OnceLock::new(),
+            upstream_error: OnceLock::new(),
+            response_info: OnceLock::new(),
+            upload_done: Notify::new(),
+            upload_progress: Arc::new(AtomicU64::new(0)),
+            download_progress: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.record.id
+    }
+
+    pub fn received(&self) -> Instant {
+        self.record.received
+    }
+
+    pub fn mark_forwarded(&self) {
+        let _ = self.forwarded.set(Instant::now());
+    }
+
+    pub fn mark_response_head(&self, status: u16, info: ResponseInfo) {
+        let _ = self.response_head.set(Instant::now());
+        self.set_status(status);
+        let _ = self.response_info.set(info);
+    }
+
+    /// The status of the response sent to the client (also for locally made responses).
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::Relaxed);
+    }
+
+    pub fn mark_upstream_error(&self, kind: UpstreamErrorKind) {
+        let _ = self.upstream_error.set(kind);
+    }
+
+    /// When the request body's life ended (fully forwarded, or cut off), if it has.
+    pub fn upload_ended(&self) -> Option<Instant> {
+        self.upload.get().map(|u| u.ended)
+    }
+
+}
+
+impl BodyRecorder for Exchange {
+    fn record(&self, outcome: BodyOutcome) {
+        match outcome.direction {
+            Direction::Upload => {
+                let _ = self.upload.set(outcome);
+                self.upload_done.notify_one();
+            }
+            Direction::Download => {
+                let _ = self.download.set(outcome);
+            }
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let mut record = self.record.clone();
+        record.forwarded = self.forwarded.get().copied();
+        record.response_head = self.response_head.get().copied();
+        record.status = match self.status.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(s),
+        };
+        record.upload = self.upload.take();
+        record.download = self.download.take();
+        record.upstream_error = self.upstream_error.get().copied();
+        record.response_info = self.response_info.take().unwrap_or_default();
+        record.ended = [record.download.map(|d| d.ended), record.upload.map(|u| u.ended), record.response_head]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or_else(Instant::now);
+
+        self.recorders.metrics.in_flight.with_label_values(&[record.api.as_str()]).dec();
+        observe(&self.recorders.metrics, &record);
+        log(&record, &self.log_path);
+        self.recorders.sink.finished(record);
+    }
+}
+
+/// The `code` label: the status as text, from a table built once (no formatting per request).
+fn status_label(status: Option<u16>) -> &'static str {
+    static CODES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let codes = CODES.get_or_init(|| (100..600).map(|c: u16| c.to_string()).collect());
+    match status {
+        Some(s @ 100..=599) => &codes[usize::from(s - 100)],
+        _ => "0",
+    }
+}
+
+fn observe(m: &Metrics, r: &ExchangeRecord) {
+    let api = r.api.as_str();
+    let op = r.operation.as_str();
+    let method = method_label(&r.method);
+    let code = status_label(r.status);
+    m.requests_total.with_label_values(&[api, op, method, code]).inc();
+    m.request_duration.with_label_values(&[api, op, method, code]).observe(r.duration().as_secs_f64());
+    if let Some(wait) = r.upstream_wait() {
+        m.upstream_response.with_label_values(&[api, op]).observe(wait.as_secs_f64());
+    }
+    for body in [r.upload.as_ref(), r.download.as_ref()].into_iter().flatten() {
+        let dir = body.direction.as_str();
+        if body.bytes > 0 {
+            m.body_bytes_total.with_label_values(&[api, op, dir]).inc_by(body.bytes);
+            m.body_size.with_label_values(&[api, op, dir]).observe(body.bytes as f64);
+            let span = match (body.first_poll, body.last_byte) {
+                (Some(a), Some(b)) => b.saturating_duration_since(a),
+                _ => Duration::ZERO,
+            };
+            m.body_transfer.with_label_values(&[api, op, dir]).observe(span.as_secs_f64());
+            if body.bytes >= THROUGHPUT_MIN_BYTES && !span.is_zero() {
+                let rate = body.bytes as f64 / span.as_secs_f64();
+                m.throughput.with_label_values(&[api, op, dir]).observe(rate);
+            }
+        }
+        if body.first_poll.is_some() {
+            for side in Side::ALL {
+                let wait = body.wait_on(side).as_secs_f64();
+                m.body_stall_total.with_label_values(&[api, op, dir, side.as_str()]).inc_by(wait);
+                m.body_stall.with_label_values(&[api, op, dir, side.as_str()]).observe(wait);
+            }
+        }
+    }
+    if let Some(side) = r.aborted_by() {
+        m.aborted.with_label_values(&[op, side.as_str()]).inc();
+    }
+    if let Some(kind) = r.upstream_error {
+        m.upstream_errors.with_label_values(&[kind.as_str()]).inc();
+    }
+    if let Some(repos) = &m.repository_requests {
+        let repo = m.repositories.label(r.repository.as_deref());
+        repos.with_label_values(&[repo.as_str(), op]).inc();
+        if let Some(bytes) = &m.repository_bytes {
+            for body in [r.upload.as_ref(), r.download.as_ref()].into_iter().flatten() {
+                bytes.with_label_values(&[repo.as_str(), body.direction.as_str()]).inc_by(body.bytes);
+            }
+        }
+    }
+}
+
+fn log(r: &ExchangeRecord, path: &str) {
+    let bytes = |b: &Option<BodyOutcome>| b.as_ref().map_or(0, |b| b.bytes);
+    let wait = |b: &Option<BodyOutcome>, side| b.as_ref().map_or(0.0, |b| b.wait_on(side).as_secs_f64() * 1e3);
+    let aborted = r.aborted_by().map(Side::as_str);
+    tracing::info!(
+        target: "regscope::request",
+        id = r.id,
+        method = %r.method,
+        path,
+        status = r.status.unwrap_or(0),
+        api = r.api.as_str(),
+        operation = r.operation.as_str(),
+        bytes_in = bytes(&r.upload),
+        bytes_out = bytes(&r.download),
+        duration_ms = r.duration().as_secs_f64() * 1e3,
+        upstream_ms = r.upstream_wait().map(|d| d.as_secs_f64() * 1e3),
+        client_wait_ms = wait(&r.upload, Side::Client) + wait(&r.download, Side::Client),
+        registry_wait_ms = wait(&r.upload, Side::Registry) + wait(&r.download, Side::Registry),
+        client = %r.client,
+        aborted,
+        upstream_error = r.upstream_error.map(UpstreamErrorKind::as_str),
+        "request"
+    );
+}

@@ -1,0 +1,337 @@
+//! Header handling: hop-by-hop stripping, forwarding headers, `Location` rewriting, and
+//! redaction of what must never reach a log.
+//!
+//! All pure functions over `HeaderMap`s and strings, so they are table-tested here and fuzzed.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the
+/// non-standard `Proxy-Connection` and `Keep-Alive`). `Expect` is answered by our own server
+/// (hyper sends `100 Continue` when we start reading the body), so it is not forwarded either.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// Removes hop-by-hop headers, including any named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Names listed in Connection are hop-by-hop too. Collected first: we cannot remove while
+    // borrowing. Rare enough (almost always `keep-alive` or `close`) to allocate for.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in &listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// Which `Host` the registry sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostMode {
+    /// Forward the client's `Host`: the registry builds `Location` URLs that point back at us.
+    Preserve,
+    /// Send the upstream's authority (virtual-hosted registries), and tell the registry who the
+    /// client asked for with `X-Forwarded-Host`/`-Proto`.
+    Upstream,
+}
+
+/// How the client reached us, as needed to build forwarding headers.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientView<'a> {
+    /// The client's IP address.
+    pub ip: std::net::IpAddr,
+    /// `http` or `https`: the scheme of the client's connection to us.
+    pub scheme: &'static str,
+    /// The authority the client asked for (`Host`, or the h2 `:authority`).
+    pub host: Option<&'a str>,
+}
+
+/// Turns the client's request headers into the headers sent upstream.
+pub fn forward_request_headers(
+    headers: &mut HeaderMap,
+    client: &ClientView<'_>,
+    mode: HostMode,
+    upstream_authority: &HeaderValue,
+) {
+    strip_hop_by_hop(headers);
+    append_forwarded_for(headers, client.ip);
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(client.scheme),
+    );
+    let client_host = client.host.and_then(|h| HeaderValue::from_str(h).ok());
+    match mode {
+        HostMode::Preserve => {
+            if let Some(host) = client_host {
+                headers.insert(header::HOST, host);
+            }
+            headers.remove("x-forwarded-host");
+        }
+        HostMode::Upstream => {
+            headers.insert(header::HOST, upstream_authority.clone());
+            match client_host {
+                Some(host) => headers.insert(HeaderName::from_static("x-forwarded-host"), host),
+                None => headers.remove("x-forwarded-host"),
+            };
+        }
+    }
+    // `Forwarded` takes precedence over X-Forwarded-* in distribution: a client-supplied one
+    // could point Location URLs anywhere, so it never passes.
+    headers.remove(header::FORWARDED);
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let mut ip_text = [0u8; 64];
+    let ip_text = format_ip(ip, &mut ip_text);
+    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip_text}"),
+        _ => ip_text.to_owned(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+fn format_ip(ip: std::net::IpAddr, buf: &mut [u8; 64]) -> &str {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{ip}");
+    let len = cursor.position() as usize;
+    std::str::from_utf8(&buf[..len]).unwrap_or("")
+}
+
+/// Turns the registry's response headers into the headers sent to the client.
+pub fn forward_response_headers(
+    headers: &mut HeaderMap,
+    upstream: &Origin<'_>,
+    client_origin: Option<&Origin<'_>>,
+) {
+    strip_hop_by_hop(headers);
+    if let Some(client_origin) = client_origin {
+        if let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
+            if let Some(rewritten) = rewrite_location(location, upstream, client_origin) {
+                if let Ok(value) = HeaderValue::from_str(&rewritten) {
+                    headers.insert(header::LOCATION, value);
+                }
+            }
+        }
+    }
+}
+
+/// A scheme and authority, e.g. `http` + `127.0.0.1:5000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin<'a> {
+    pub scheme: &'a str,
+    pub authority: &'a str,
+}
+
+impl Origin<'_> {
+    fn default_port(&self) -> Option<&'static str> {
+        match self.scheme {
+            s if s.eq_ignore_ascii_case("http") => Some("80"),
+            s if s.eq_ignore_ascii_case("https") => Some("443"),
+            _ => None,
+        }
+    }
+
+    /// Host and port, with the scheme's default port made explicit, host lowercased.
+    fn host_port(&self) -> (String, Option<&str>) {
+        let (host, port) = split_authority(self.authority);
+        (host.to_ascii_lowercase(), port.or(self.default_port()))
+    }
+
+    fn same_as(&self, other: &Origin<'_>) -> bool {
+        self.scheme.eq_ignore_ascii_case(other.scheme) && self.host_port() == other.host_port()
+    }
+}
+
+/// Splits `host:port` (IPv6 in brackets) into host and optional port.
+fn split_authority(authority: &str) -> (&str, Option<&str>) {
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if authority.starts_with('[') {
+        if let Some(end) = authority.find(']') {
+            let port = authority[end + 1..].strip_prefix(':');
+            return (&authority[..=end], port);
+        }
+        return (authority, None);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    }
+}
+
+/// If `location` is absolute and points at the upstream, returns it pointed at the address the
+/// client used instead. Relative locations and other hosts are left alone.
+///
+/// This is what keeps uploads on the wire we watch: a `Location` naming the registry directly
+/// would send the PATCH and PUT (the bytes) past the proxy.
+pub fn rewrite_location(location: &str, upstream: &Origin<'_>, client: &Origin<'_>) -> Option<String> {
+    let (scheme, rest) = location.split_once("://")?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let target = Origin { scheme, authority };
+    if !target.same_as(upstream) || target.same_as(client) {
+        return None;
+    }
+    Some(format!("{}://{}{}", client.scheme, client.authority, tail))
+}
+
+/// Query parameters whose values are secrets or signed state: never logged.
+const SECRET_PARAMS: &[&str] = &["_state", "token", "access_token", "refresh_token", "password"];
+
+/// A path and query fit for a log: secret query values replaced by `REDACTED`.
+pub fn redact_path(path_and_query: &str) -> std::borrow::Cow<'_, str> {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.into();
+    };
+    let secret = |pair: &str| SECRET_PARAMS.contains(&pair.split_once('=').map_or(pair, |(k, _)| k));
+    if !query.split('&').any(secret) {
+        return path_and_query.into();
+    }
+    let mut out = String::with_capacity(path_and_query.len());
+    out.push_str(path);
+    out.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((key, _)) if SECRET_PARAMS.contains(&key) => {
+                out.push_str(key);
+                out.push_str("=REDACTED");
+            }
+            _ => out.push_str(pair),
+        }
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_are_stripped() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Custom"),
+            ("keep-alive", "timeout=5"),
+            ("x-custom", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("expect", "100-continue"),
+            ("proxy-authorization", "Basic x"),
+            ("content-length", "10"),
+            ("docker-upload-uuid", "u"),
+            ("authorization", "Bearer t"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["authorization", "content-length", "docker-upload-uuid"]);
+    }
+
+    #[test]
+    fn forwarding_headers_per_host_mode() {
+        let upstream = HeaderValue::from_static("registry.internal:5000");
+        let client = ClientView { ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), scheme: "https", host: Some("proxy:5001") };
+        let base = [("x-forwarded-for", "192.0.2.1"), ("forwarded", "host=evil"), ("x-forwarded-host", "evil")];
+
+        let mut h = map(&base);
+        forward_request_headers(&mut h, &client, HostMode::Preserve, &upstream);
+        assert_eq!(h["host"], "proxy:5001");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(h.get("x-forwarded-host").is_none());
+        assert!(h.get("forwarded").is_none());
+
+        let mut h = map(&base);
+        forward_request_headers(&mut h, &client, HostMode::Upstream, &upstream);
+        assert_eq!(h["host"], "registry.internal:5000");
+        assert_eq!(h["x-forwarded-host"], "proxy:5001");
+        assert!(h.get("forwarded").is_none());
+    }
+
+    #[test]
+    fn location_rewriting() {
+        let up = Origin { scheme: "http", authority: "127.0.0.1:5000" };
+        let client = Origin { scheme: "http", authority: "127.0.0.1:5001" };
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "http://127.0.0.1:5000/v2/a/blobs/uploads/u?_state=x%3D",
+                Some("http://127.0.0.1:5001/v2/a/blobs/uploads/u?_state=x%3D"),
+            ),
+            ("/v2/a/blobs/uploads/u?_state=x", None),
+            ("http://127.0.0.1:5001/v2/a/blobs/uploads/u", None),
+            ("http://elsewhere:5000/v2/", None),
+            ("https://127.0.0.1:5000/v2/", None),
+            ("HTTP://127.0.0.1:5000", Some("http://127.0.0.1:5001")),
+            ("https://s3.example/bucket/blob?sig=1", None),
+        ];
+        for (loc, want) in cases {
+            assert_eq!(rewrite_location(loc, &up, &client).as_deref(), *want, "{loc}");
+        }
+
+        let up = Origin { scheme: "https", authority: "Registry.example" };
+        let client = Origin { scheme: "https", authority: "proxy.example:8443" };
+        assert_eq!(
+            rewrite_location("https://registry.example:443/v2/x", &up, &client).as_deref(),
+            Some("https://proxy.example:8443/v2/x")
+        );
+        let v6 = Origin { scheme: "http", authority: "[::1]:5000" };
+        assert_eq!(
+            rewrite_location("http://[::1]:5000/v2/", &v6, &client).as_deref(),
+            Some("https://proxy.example:8443/v2/")
+        );
+    }
+
+    #[test]
+    fn location_in_response_headers_is_rewritten() {
+        let up = Origin { scheme: "http", authority: "127.0.0.1:5000" };
+        let client = Origin { scheme: "http", authority: "localhost:5001" };
+        let mut h = map(&[("location", "http://127.0.0.1:5000/v2/a/blobs/uploads/u"), ("connection", "close")]);
+        forward_response_headers(&mut h, &up, Some(&client));
+        assert_eq!(h["location"], "http://localhost:5001/v2/a/blobs/uploads/u");
+        assert!(h.get("connection").is_none());
+    }
+
+    #[test]
+    fn redaction() {
+        let cases: &[(&str, &str)] = &[
+            ("/v2/", "/v2/"),
+            ("/v2/a/tags/list?n=10", "/v2/a/tags/list?n=10"),
+            ("/v2/a/blobs/uploads/u?_state=secret%3D&digest=sha256:1", "/v2/a/blobs/uploads/u?_state=REDACTED&digest=sha256:1"),
+            ("/token?service=x&access_token=abc", "/token?service=x&access_token=REDACTED"),
+            ("/x?_state", "/x?_state"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(redact_path(input), *want);
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! regscope: a transparent instrumenting reverse proxy for container registries.
+//!
+//! It forwards registry traffic byte for byte and measures where the time of every push and
+//! pull goes. The layout follows the domain:
+//!
+//! - [`route`]: which registry operation a request is (pure).
+//! - [`headers`]: hop-by-hop stripping, forwarding headers, `Location` rewriting, redaction.
+//! - [`timed_body`]: the body wrapper that splits a stream's time between client and registry.
+//! - [`exchange`]: one request's timeline and what it records when it is over.
+//! - [`proxy`]: one exchange end to end; [`upstream`]: the pooled client; [`tls`]: rustls.
+//! - [`server`]: listeners, accept loops, graceful shutdown; [`admin`]: the admin port.
+//! - [`metrics`]: every Prometheus family (the contract); [`config`]: flags and env twins.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod exchange;
+pub mod headers;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod timed_body;
+pub mod tls;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::admin::Admin;
+use crate::config::ServeConfig;
+use crate::error::SetupError;
+use crate::exchange::{ExchangeRecord, ExchangeSink, Recorders};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::server::ProxyListener;
+use crate::upstream::UpstreamTarget;
+
+/// Where finished exchanges go until the transfer tracker consumes them.
+struct Discard;
+
+impl ExchangeSink for Discard {
+    fn finished(&self, _record: ExchangeRecord) {}
+}
+
+/// Binds the listeners, logs where they are, and serves until `shutdown` resolves.
+pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), SetupError> {
+    let upstream = UpstreamTarget::parse(&config.upstream)?;
+    let tls_client = tls::client_config(config.upstream_ca.as_deref())?;
+    let tls_server = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(cert, key)?)),
+        _ => None,
+    };
+    let metrics = Arc::new(Metrics::new(config.label_repository));
+    let recorders = Arc::new(Recorders { metrics: metrics.clone(), sink: Arc::new(Discard) });
+    let proxy = Arc::new(Proxy {
+        client: upstream::client(
+            tls_client.clone(),
+            config.upstream_connect_timeout,
+            config.upstream_idle_timeout,
+            &metrics,
+        ),
+        upstream: upstream.clone(),
+        host_mode: config.host_header,
+        response_timeout: config.upstream_response_timeout,
+        recorders,
+    });
+    let probe = upstream::client(tls_client, config.upstream_connect_timeout, config.upstream_idle_timeout, &metrics);
+    let admin = Arc::new(Admin::new(metrics, probe, upstream.clone()));
+
+    let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| SetupError::Bind { addr, source }) };
+    let proxy_listener = bind(config.listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        proxy = local(&proxy_listener),
+        admin = local(&admin_listener),
+        upstream = upstream.display,
+        tls = tls_server.is_some(),
+        host_header = ?config.host_header,
+        "listening"
+    );
+    let listener = ProxyListener { listener: proxy_listener, tls: tls_server };
+    server::run(listener, admin_listener, proxy, admin, config.shutdown_grace, shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! The `regscope` command: parses arguments and dispatches. Nothing else lives here.
+
+use anyhow::Context;
+use clap::Parser;
+use regscope::config::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    match cli.command {
+        Some(Command::Serve(config)) => serve(config, &runtime),
+        None => serve(cli.serve, &runtime),
+        Some(Command::Report(_)) => anyhow::bail!("report is not available in this build"),
+    }
+}
+
+fn serve(config: regscope::config::ServeConfig, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    init_logging(config.log_format);
+    runtime.block_on(async {
+        regscope::serve(config, shutdown_signal()).await.context("regscope serve")
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,409 @@
+//! Every Prometheus family regscope exports, in one place: this file is the contract.
+//!
+//! Labels only ever come from closed enums (`Api`, `Operation`, `Direction`, `Side`, a fixed
+//! method set, the status code): never from a path, digest, upload id or user string. The one
+//! opt-in exception, `--label-repository N`, is capped by [`RepositoryLabels`].
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use http::Method;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Durations from 1 ms to 1 h.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// Sizes from 1 KiB to 64 GiB, by powers of four.
+pub const SIZE_BUCKETS: &[f64] = &[
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+    17179869184.0,
+    68719476736.0,
+];
+
+/// Throughput from 64 KiB/s to 8 GiB/s, by powers of two.
+pub const THROUGHPUT_BUCKETS: &[f64] = &[
+    65536.0,
+    131072.0,
+    262144.0,
+    524288.0,
+    1048576.0,
+    2097152.0,
+    4194304.0,
+    8388608.0,
+    16777216.0,
+    33554432.0,
+    67108864.0,
+    134217728.0,
+    268435456.0,
+    536870912.0,
+    1073741824.0,
+    2147483648.0,
+    4294967296.0,
+    8589934592.0,
+];
+
+/// Bodies smaller than this are not observed in the throughput histogram: their rate says
+/// more about latency than about bandwidth.
+pub const THROUGHPUT_MIN_BYTES: u64 = 1 << 20;
+
+/// The method label: a closed set, anything else is `other`.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Why an upstream exchange failed. A metric label: closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamErrorKind {
+    ConnectRefused,
+    ConnectTimeout,
+    Tls,
+    Reset,
+    ResponseTimeout,
+    Other,
+}
+
+impl UpstreamErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::ConnectRefused => "connect_refused",
+            UpstreamErrorKind::ConnectTimeout => "connect_timeout",
+            UpstreamErrorKind::Tls => "tls",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::ResponseTimeout => "response_timeout",
+            UpstreamErrorKind::Other => "other",
+        }
+    }
+}
+
+/// All metric families. Cloning the handles inside is cheap (they are `Arc`s).
+pub struct Metrics {
+    registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_response: HistogramVec,
+    pub body_bytes_total: IntCounterVec,
+    pub body_size: HistogramVec,
+    pub body_transfer: HistogramVec,
+    pub body_stall_total: prometheus::CounterVec,
+    pub body_stall: HistogramVec,
+    pub throughput: HistogramVec,
+    pub in_flight: IntGaugeVec,
+    pub connections: IntGaugeVec,
+    pub upstream_connect: Histogram,
+    pub upstream_errors: IntCounterVec,
+    pub aborted: IntCounterVec,
+    pub repository_requests: Option<IntCounterVec>,
+    pub repository_bytes: Option<IntCounterVec>,
+    pub upload_phase: HistogramVec,
+    pub image_transfer: HistogramVec,
+    pub image_time_total: prometheus::CounterVec,
+    /// Caps the opt-in repository label.
+    pub repositories: RepositoryLabels,
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+        .expect("valid histogram definition")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
+}
+
+fn float_counter(name: &str, help: &str, labels: &[&str]) -> prometheus::CounterVec {
+    prometheus::CounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge definition")
+}
+
+impl Metrics {
+    /// Builds and registers every family. `repository_cap` > 0 enables the repository label.
+    pub fn new(repository_cap: usize) -> Self {
+        let registry = Registry::new();
+        let m = Metrics {
+            requests_total: counter(
+                "regscope_requests_total",
+                "Requests proxied, by registry operation and response status.",
+                &["api", "operation", "method", "code"],
+            ),
+            request_duration: histogram(
+                "regscope_request_duration_seconds",
+                "Request head received to response fully sent.",
+                DURATION_BUCKETS,
+                &["api", "operation", "method", "code"],
+            ),
+            upstream_response: histogram(
+                "regscope_upstream_response_seconds",
+                "Request fully forwarded to upstream response head: the registry's own processing time.",
+                DURATION_BUCKETS,
+                &["api", "operation"],
+            ),
+            body_bytes_total: counter(
+                "regscope_body_bytes_total",
+                "Body bytes proxied.",
+                &["api", "operation", "direction"],
+            ),
+            body_size: histogram(
+                "regscope_body_size_bytes",
+                "Size of each proxied body that carried data.",
+                SIZE_BUCKETS,
+                &["api", "operation", "direction"],
+            ),
+            body_transfer: histogram(
+                "regscope_body_transfer_seconds",
+                "First to last byte of each body that carried data.",
+                DURATION_BUCKETS,
+                &["api", "operation", "direction"],
+            ),
+            body_stall_total: float_counter(
+                "regscope_body_stall_seconds_total",
+                "Time bodies waited on a side: the client or the registry.",
+                &["api", "operation", "direction", "side"],
+            ),
+            body_stall: histogram(
+                "regscope_body_stall_seconds",
+                "Per body, the time it waited on a side.",
+                DURATION_BUCKETS,
+                &["api", "operation", "direction", "side"],
+            ),
+            throughput: histogram(
+                "regscope_transfer_throughput_bytes_per_second",
+                "Per body of at least 1 MiB, bytes divided by first-to-last-byte time.",
+                THROUGHPUT_BUCKETS,
+                &["api", "operation", "direction"],
+            ),
+            in_flight: gauge(
+                "regscope_in_flight_requests",
+                "Requests being proxied right now.",
+                &["api"],
+            ),
+            connections: gauge(
+                "regscope_connections",
+                "Open connections: from clients, and to the registry.",
+                &["side"],
+            ),
+            upstream_connect: Histogram::with_opts(
+                HistogramOpts::new(
+                    "regscope_upstream_connect_seconds",
+                    "Time to open a new connection to the registry (TCP, and TLS when https).",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+            )
+            .expect("valid histogram definition"),
+            upstream_errors: counter(
+                "regscope_upstream_errors_total",
+                "Exchanges that failed on the registry side, by cause.",
+                &["kind"],
+            ),
+            aborted: counter(
+                "regscope_aborted_requests_total",
+                "Exchanges cut off before their bodies completed, by the side that cut them.",
+                &["operation", "side"],
+            ),
+            repository_requests: (repository_cap > 0).then(|| {
+                counter(
+                    "regscope_repository_requests_total",
+                    "Requests per repository (opt-in, capped; excess repositories count as `other`).",
+                    &["repository", "operation"],
+                )
+            }),
+            repository_bytes: (repository_cap > 0).then(|| {
+                counter(
+                    "regscope_repository_body_bytes_total",
+                    "Body bytes per repository (opt-in, capped; excess repositories count as `other`).",
+                    &["repository", "direction"],
+                )
+            }),
+            upload_phase: histogram(
+                "regscope_upload_phase_seconds",
+                "Per blob (v2) or image (v1) upload, the time of each phase.",
+                DURATION_BUCKETS,
+                &["api", "phase"],
+            ),
+            image_transfer: histogram(
+                "regscope_image_transfer_seconds",
+                "Wall time of whole pushes and pulls.",
+                DURATION_BUCKETS,
+                &["direction", "outcome"],
+            ),
+            image_time_total: float_counter(
+                "regscope_image_time_seconds_total",
+                "Wall time of whole pushes and pulls, attributed to the client, the registry or bytes moving.",
+                &["direction", "party"],
+            ),
+            repositories: RepositoryLabels::new(repository_cap),
+            registry,
+        };
+        let build_info = gauge(
+            "regscope_build_info",
+            "Always 1; the version label says which regscope is running.",
+            &["version"],
+        );
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        let r = &m.registry;
+        let register = |c: Box<dyn prometheus::core::Collector>| {
+            r.register(c).expect("metric families are registered once");
+        };
+        register(Box::new(m.requests_total.clone()));
+        register(Box::new(m.request_duration.clone()));
+        register(Box::new(m.upstream_response.clone()));
+        register(Box::new(m.body_bytes_total.clone()));
+        register(Box::new(m.body_size.clone()));
+        register(Box::new(m.body_transfer.clone()));
+        register(Box::new(m.body_stall_total.clone()));
+        register(Box::new(m.body_stall.clone()));
+        register(Box::new(m.throughput.clone()));
+        register(Box::new(m.in_flight.clone()));
+        register(Box::new(m.connections.clone()));
+        register(Box::new(m.upstream_connect.clone()));
+        register(Box::new(m.upstream_errors.clone()));
+        register(Box::new(m.aborted.clone()));
+        register(Box::new(m.upload_phase.clone()));
+        register(Box::new(m.image_transfer.clone()));
+        register(Box::new(m.image_time_total.clone()));
+        register(Box::new(build_info));
+        if let Some(c) = &m.repository_requests {
+            register(Box::new(c.clone()));
+        }
+        if let Some(c) = &m.repository_bytes {
+            register(Box::new(c.clone()));
+        }
+        m.preinitialise();
+        m
+    }
+
+    /// Gauges and error counters start at zero for every label value, so dashboards and
+    /// alerts see a series (a 0, not "no data") before the first event.
+    fn preinitialise(&self) {
+        for api in crate::route::Api::ALL {
+            self.in_flight.with_label_values(&[api.as_str()]);
+        }
+        for side in crate::timed_body::Side::ALL {
+            self.connections.with_label_values(&[side.as_str()]);
+        }
+        for kind in [
+            UpstreamErrorKind::ConnectRefused,
+            UpstreamErrorKind::ConnectTimeout,
+            UpstreamErrorKind::Tls,
+            UpstreamErrorKind::Reset,
+            UpstreamErrorKind::ResponseTimeout,
+            UpstreamErrorKind::Other,
+        ] {
+            self.upstream_errors.with_label_values(&[kind.as_str()]);
+        }
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        out
+    }
+
+    pub fn connection_gauge(&self, side: crate::timed_body::Side) -> IntGauge {
+        self.connections.with_label_values(&[side.as_str()])
+    }
+}
+
+/// The opt-in repository label, capped: the first `cap` distinct repositories get their own
+/// value, every later one is `other`, so a client cannot grow the series count without bound.
+pub struct RepositoryLabels {
+    cap: usize,
+    seen: Mutex<HashSet<Box<str>>>,
+}
+
+impl RepositoryLabels {
+    fn new(cap: usize) -> Self {
+        RepositoryLabels { cap, seen: Mutex::new(HashSet::new()) }
+    }
+
+    /// The label value to use for `repository`. Called once per request, only when enabled.
+    pub fn label(&self, repository: Option<&str>) -> String {
+        let Some(repository) = repository else {
+            return "none".to_owned();
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(repository) {
+            return repository.to_owned();
+        }
+        if seen.len() < self.cap {
+            seen.insert(repository.into());
+            return repository.to_owned();
+        }
+        "other".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_increasing_and_span_the_domain() {
+        for (buckets, lo, hi) in [
+            (DURATION_BUCKETS, 0.001, 3600.0),
+            (SIZE_BUCKETS, 1024.0, 64.0 * 1024.0 * 1024.0 * 1024.0),
+            (THROUGHPUT_BUCKETS, 65536.0, 8.0 * 1024.0 * 1024.0 * 1024.0),
+        ] {
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]));
+            assert_eq!((buckets[0], *buckets.last().unwrap()), (lo, hi));
+        }
+    }
+
+    #[test]
+    fn repository_label_is_capped() {
+        let labels = RepositoryLabels::new(2);
+        assert_eq!(labels.label(Some("a")), "a");
+        assert_eq!(labels.label(Some("b")), "b");
+        assert_eq!(labels.label(Some("c")), "other");
+        assert_eq!(labels.label(Some("a")), "a");
+        assert_eq!(labels.label(None), "none");
+    }
+
+    #[test]
+    fn method_label_is_closed() {
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+    }
+
+    #[test]
+    fn exposition_contains_every_family() {
+        let m = Metrics::new(0);
+        let text = String::from_utf8(m.encode()).unwrap();
+        for family in ["regscope_build_info", "regscope_in_flight_requests", "regscope_connections"] {
+            assert!(text.contains(family), "{family} missing");
+        }
+    }
+}

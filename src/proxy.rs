@@ -1,0 +1,172 @@
+//! One exchange: classify, rewrite, forward, wrap both bodies in timers, and map upstream
+//! failures to registry-style responses.
+//!
+//! Nothing is buffered: the client's `Incoming` body is the upstream request's body, and the
+//! upstream's `Incoming` is the client's response body, each inside a [`TimedBody`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::error::{classify_client_error, ProxyError};
+use crate::exchange::{Exchange, Recorders, ResponseInfo};
+use crate::headers::{self, ClientView, HostMode, Origin};
+use crate::route::{classify, Operation, Route};
+use crate::timed_body::{Direction, TimedBody};
+use crate::upstream::{UpstreamClient, UpstreamTarget};
+
+/// The body of every response regscope sends: the registry's, streamed and timed, or one of
+/// our own small error bodies.
+pub type ProxyBody = Either<TimedBody<Incoming>, Full<Bytes>>;
+
+/// Facts about the client connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// Whether the client reached us over TLS.
+    pub tls: bool,
+}
+
+impl ConnInfo {
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// Everything one exchange needs; shared by all connections.
+pub struct Proxy {
+    pub upstream: UpstreamTarget,
+    pub client: UpstreamClient<TimedBody<Incoming>>,
+    pub host_mode: HostMode,
+    pub response_timeout: Duration,
+    pub recorders: Arc<Recorders>,
+}
+
+impl Proxy {
+    /// Handles one request. Never fails: every failure becomes a registry-style response.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<ProxyBody>, Infallible> {
+        // HTTP/1 absolute-form (`GET http://host/ HTTP/1.1`) is how forward proxies are asked;
+        // for h2 the URI always carries the authority, so only h1 is checked.
+        let absolute_form = req.version() <= Version::HTTP_11 && req.uri().authority().is_some();
+        let refusal = if req.method() == Method::CONNECT {
+            Some(ProxyError::MethodNotAllowed(req.method().to_string()))
+        } else if absolute_form {
+            Some(ProxyError::BadRequest("absolute-form request targets are not accepted: regscope is not a forward proxy"))
+        } else {
+            None
+        };
+
+        let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let route = if refusal.is_some() {
+            Route { operation: Operation::Other, repository: None, reference: None, digest: None, upload_id: None }
+        } else {
+            classify(req.method(), req.uri().path(), req.uri().query())
+        };
+        let log_path: Box<str> = headers::redact_path(path_and_query).into();
+        let exchange = Exchange::start(&route, req.method(), conn.peer, log_path, self.recorders.clone());
+
+        if let Some(refusal) = refusal {
+            exchange.set_status(refusal.status().as_u16());
+            return Ok(refusal.to_response().map(Either::Right));
+        }
+        Ok(match self.forward(req, conn, &exchange).await {
+            Ok(response) => response,
+            Err(error) => {
+                if let Some(kind) = error.upstream_kind() {
+                    exchange.mark_upstream_error(kind);
+                }
+                tracing::warn!(id = exchange.id(), error = %error, "upstream failure");
+                exchange.set_status(error.status().as_u16());
+                error.to_response().map(Either::Right)
+            }
+        })
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        exchange: &Arc<Exchange>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let client_host: Option<String> = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+        let view = ClientView { ip: conn.peer.ip(), scheme: conn.scheme(), host: client_host.as_deref() };
+        headers::forward_request_headers(&mut parts.headers, &view, self.host_mode, &self.upstream.host_header);
+        parts.uri = self
+            .upstream
+            .uri_for(parts.uri.path_and_query())
+            .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+        parts.version = Version::HTTP_11;
+
+        let body = TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone());
+        exchange.mark_forwarded();
+        let response = self.await_response(Request::from_parts(parts, body), exchange).await?;
+
+        let (mut parts, body) = response.into_parts();
+        let upstream_origin = Origin { scheme: self.upstream.scheme.as_str(), authority: self.upstream.authority.as_str() };
+        let client_origin = client_host.as_deref().map(|authority| Origin { scheme: conn.scheme(), authority });
+        let info = response_info(&parts.headers);
+        headers::forward_response_headers(&mut parts.headers, &upstream_origin, client_origin.as_ref());
+        exchange.mark_response_head(parts.status.as_u16(), info);
+        let body = TimedBody::new(body, Direction::Download, Some(exchange.download_progress.clone()), exchange.clone());
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// Sends the request and waits for the response head. The response timeout only starts
+    /// once the request body has been fully forwarded: a 10 GiB upload is not a slow registry.
+    async fn await_response(
+        &self,
+        req: Request<TimedBody<Incoming>>,
+        exchange: &Exchange,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let response = self.client.request(req);
+        tokio::pin!(response);
+        loop {
+            let deadline = exchange.upload_ended().map(|t| t + self.response_timeout);
+            tokio::select! {
+                result = &mut response => {
+                    return result.map_err(|e| {
+                        let (kind, cause) = classify_client_error(&e);
+                        ProxyError::Unreachable { upstream: self.upstream.display.clone(), kind, cause }
+                    });
+                }
+                _ = exchange.upload_done.notified(), if deadline.is_none() => continue,
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    return Err(ProxyError::ResponseTimeout {
+                        upstream: self.upstream.display.clone(),
+                        after: self.response_timeout,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The response headers the transfer tracker needs, read before they are forwarded.
+fn response_info(headers: &http::HeaderMap) -> ResponseInfo {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(Box::<str>::from);
+    ResponseInfo {
+        upload_uuid: text("docker-upload-uuid"),
+        content_digest: text("docker-content-digest"),
+        content_length: headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
+    }
+}

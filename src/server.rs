@@ -1,0 +1,123 @@
+//! Listeners (plain and TLS), the accept loops, and graceful shutdown.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests bind `127.0.0.1:0`
+//! and drive a real server over real sockets.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admin::Admin;
+use crate::proxy::{ConnInfo, Proxy};
+use crate::timed_body::Side;
+
+/// How long a client may take to send a request head before the connection is closed.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the proxy listener serves.
+pub struct ProxyListener {
+    pub listener: TcpListener,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Runs the proxy and admin listeners until `shutdown` resolves, then stops accepting and
+/// lets in-flight connections finish for up to `grace`.
+pub async fn run(
+    proxy_listener: ProxyListener,
+    admin_listener: TcpListener,
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    grace: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+
+    let admin_task = tokio::spawn(admin_loop(admin_listener, admin.clone()));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = proxy_listener.listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = ConnInfo { peer, tls: proxy_listener.tls.is_some() };
+        let watcher = graceful.watcher();
+        let (tls, proxy, builder) = (proxy_listener.tls.clone(), proxy.clone(), builder.clone());
+        tokio::spawn(async move {
+            let _open = OpenConnection::new(proxy.recorders.metrics.connection_gauge(Side::Client));
+            let service = service_fn(move |req| proxy.clone().handle(req, conn));
+            let result = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+                    Ok(Err(error)) => return tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+                },
+            };
+            if let Err(error) = result {
+                tracing::debug!(peer = %conn.peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(proxy_listener);
+    admin.set_draining();
+    tracing::info!(connections = graceful.count(), "shutting down: no longer accepting, draining");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("drained"),
+        () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over, exiting with requests in flight"),
+    }
+    admin_task.abort();
+}
+
+/// Counts a client connection in the gauge for as long as it is open.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn admin_loop(listener: TcpListener, admin: Arc<Admin>) {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let admin = admin.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| admin.clone().handle(req));
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}

@@ -1,0 +1,462 @@
+//! The body wrapper: where a stream's time went, measured on the wire.
+//!
+//! Hyper's HTTP/1 dispatcher polls a body only when it can write. So, seen from inside
+//! `poll_frame`, the time from the inner body's `Pending` to its next `Ready` is time the
+//! *source* made us wait, and the time from our returning `Ready` to the next poll is time the
+//! *sink* made us wait (backpressure). What is left of the body's life is bytes moving.
+//!
+//! Per frame this does arithmetic on `Instant`s and one relaxed atomic add: no allocation, no
+//! lock, no formatting. The outcome is handed to a [`BodyRecorder`] exactly once: at end of
+//! stream, on error, or when the body is dropped early.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+/// Which way a body flows. A metric label: closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Client → registry (request bodies).
+    Upload,
+    /// Registry → client (response bodies).
+    Download,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Upload, Direction::Download];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Upload => "upload",
+            Direction::Download => "download",
+        }
+    }
+
+    /// The party that produces this body's bytes.
+    pub fn source(self) -> Side {
+        match self {
+            Direction::Upload => Side::Client,
+            Direction::Download => Side::Registry,
+        }
+    }
+
+    /// The party that consumes this body's bytes.
+    pub fn sink(self) -> Side {
+        match self {
+            Direction::Upload => Side::Registry,
+            Direction::Download => Side::Client,
+        }
+    }
+}
+
+/// One end of the proxied exchange. A metric label: closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Client,
+    Registry,
+}
+
+impl Side {
+    pub const ALL: [Side; 2] = [Side::Client, Side::Registry];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Registry => "registry",
+        }
+    }
+}
+
+/// How a body's life ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyEnd {
+    /// The source signalled end of stream and the sink took everything.
+    Complete,
+    /// The source failed mid-stream (connection reset, short body): the source aborted.
+    SourceError,
+    /// The sink stopped asking for frames before the end: the sink aborted (or gave up).
+    SinkDropped,
+}
+
+/// What a body did, handed over once when it ends.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyOutcome {
+    pub direction: Direction,
+    pub bytes: u64,
+    pub frames: u64,
+    /// When the sink first asked for data; `None` if it never did (an empty body).
+    pub first_poll: Option<Instant>,
+    /// When the first data byte was handed to the sink.
+    pub first_byte: Option<Instant>,
+    /// When the last data byte was handed to the sink.
+    pub last_byte: Option<Instant>,
+    /// When the body ended, however it ended.
+    pub ended: Instant,
+    /// Time spent waiting for the source to produce bytes.
+    pub source_wait: Duration,
+    /// Time spent waiting for the sink to ask for more (backpressure).
+    pub sink_wait: Duration,
+    pub end: BodyEnd,
+}
+
+impl BodyOutcome {
+    /// First poll to end: the body's active life.
+    pub fn active(&self) -> Duration {
+        self.first_poll.map_or(Duration::ZERO, |t| self.ended.saturating_duration_since(t))
+    }
+
+    /// The part of the active life that was neither side's stall: bytes moving.
+    pub fn moving(&self) -> Duration {
+        self.active().saturating_sub(self.source_wait + self.sink_wait)
+    }
+
+    /// Time the given side made this body wait.
+    pub fn wait_on(&self, side: Side) -> Duration {
+        if side == self.direction.source() {
+            self.source_wait
+        } else {
+            self.sink_wait
+        }
+    }
+
+    /// Which side aborted, if the body did not complete.
+    pub fn aborted_by(&self) -> Option<Side> {
+        match self.end {
+            BodyEnd::Complete => None,
+            BodyEnd::SourceError => Some(self.direction.source()),
+            BodyEnd::SinkDropped => Some(self.direction.sink()),
+        }
+    }
+}
+
+/// Receives a body's outcome, exactly once.
+pub trait BodyRecorder: Send + Sync {
+    fn record(&self, outcome: BodyOutcome);
+}
+
+/// Running totals, kept inline in the wrapper.
+#[derive(Debug, Default)]
+struct Tally {
+    bytes: u64,
+    frames: u64,
+    first_poll: Option<Instant>,
+    first_byte: Option<Instant>,
+    last_byte: Option<Instant>,
+    /// Set when the inner body returned `Pending`; cleared at its next `Ready`.
+    pending_since: Option<Instant>,
+    /// Set when we returned a frame; cleared at the next poll.
+    returned_at: Option<Instant>,
+    source_wait: Duration,
+    sink_wait: Duration,
+}
+
+pin_project! {
+    /// A body that times its own stream. See the module docs for what is measured.
+    pub struct TimedBody<B: Body> {
+        #[pin]
+        inner: B,
+        direction: Direction,
+        tally: Tally,
+        // Live byte count for progress views; shared, updated with a relaxed add.
+        progress: Option<Arc<AtomicU64>>,
+        // Taken on the first end so the outcome is recorded exactly once.
+        recorder: Option<Arc<dyn BodyRecorder>>,
+        // Whether the inner body has reported its last frame.
+        done: bool,
+    }
+
+    impl<B: Body> PinnedDrop for TimedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(recorder) = this.recorder.take() {
+                // An untouched empty body is complete; anything else dropped early was cut off.
+                let end = if *this.done || this.inner.is_end_stream() {
+                    BodyEnd::Complete
+                } else {
+                    BodyEnd::SinkDropped
+                };
+                recorder.record(finish(*this.direction, this.tally, end, Instant::now()));
+            }
+        }
+    }
+}
+
+impl<B: Body> TimedBody<B> {
+    pub fn new(
+        inner: B,
+        direction: Direction,
+        progress: Option<Arc<AtomicU64>>,
+        recorder: Arc<dyn BodyRecorder>,
+    ) -> Self {
+        TimedBody {
+            inner,
+            direction,
+            tally: Tally::default(),
+            progress,
+            recorder: Some(recorder),
+            done: false,
+        }
+    }
+}
+
+fn finish(direction: Direction, tally: &Tally, end: BodyEnd, now: Instant) -> BodyOutcome {
+    // A wait still open at the end counts up to now.
+    let mut source_wait = tally.source_wait;
+    if let Some(since) = tally.pending_since {
+        source_wait += now.saturating_duration_since(since);
+    }
+    let mut sink_wait = tally.sink_wait;
+    if let (Some(at), BodyEnd::SinkDropped) = (tally.returned_at, end) {
+        sink_wait += now.saturating_duration_since(at);
+    }
+    BodyOutcome {
+        direction,
+        bytes: tally.bytes,
+        frames: tally.frames,
+        first_poll: tally.first_poll,
+        first_byte: tally.first_byte,
+        last_byte: tally.last_byte,
+        ended: now,
+        source_wait,
+        sink_wait,
+        end,
+    }
+}
+
+impl<B> Body for TimedBody<B>
+where
+    B: Body,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let now = Instant::now();
+        let tally = this.tally;
+        if tally.first_poll.is_none() {
+            tally.first_poll = Some(now);
+        }
+        if let Some(at) = tally.returned_at.take() {
+            tally.sink_wait += now.saturating_duration_since(at);
+        }
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let Poll::Ready(item) = polled else {
+            if tally.pending_since.is_none() {
+                tally.pending_since = Some(now);
+            }
+            return Poll::Pending;
+        };
+        // Re-read the clock only if we waited: the common fast path reads it once.
+        let now = match tally.pending_since.take() {
+            Some(since) => {
+                let woke = Instant::now();
+                tally.source_wait += woke.saturating_duration_since(since);
+                woke
+            }
+            None => now,
+        };
+        let end = match &item {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.remaining() as u64;
+                    if n > 0 {
+                        tally.bytes += n;
+                        tally.frames += 1;
+                        tally.first_byte.get_or_insert(now);
+                        tally.last_byte = Some(now);
+                        if let Some(progress) = this.progress {
+                            progress.fetch_add(n, Ordering::Relaxed);
+                        }
+                    }
+                }
+                tally.returned_at = Some(now);
+                None
+            }
+            Some(Err(_)) => Some(BodyEnd::SourceError),
+            None => Some(BodyEnd::Complete),
+        };
+        let end = end.or_else(|| this.inner.is_end_stream().then_some(BodyEnd::Complete));
+        if let Some(end) = end {
+            *this.done = true;
+            if let Some(recorder) = this.recorder.take() {
+                recorder.record(finish(*this.direction, tally, end, now));
+            }
+        }
+        Poll::Ready(item)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::sync::Mutex;
+    use std::task::ready;
+
+    /// A scripted body: each step is either a delay (the source is slow) or a frame.
+    struct Scripted {
+        steps: VecDeque<Step>,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    enum Step {
+        Wait(Duration),
+        Data(usize),
+        Fail,
+    }
+
+    impl Body for Scripted {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            loop {
+                if let Some(sleep) = self.sleep.as_mut() {
+                    ready!(sleep.as_mut().poll(cx));
+                    self.sleep = None;
+                }
+                match self.steps.pop_front() {
+                    None => return Poll::Ready(None),
+                    Some(Step::Wait(d)) => self.sleep = Some(Box::pin(tokio::time::sleep(d))),
+                    Some(Step::Data(n)) => {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![7u8; n])))))
+                    }
+                    Some(Step::Fail) => {
+                        return Poll::Ready(Some(Err(std::io::Error::other("reset"))))
+                    }
+                }
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.steps.is_empty() && self.sleep.is_none()
+        }
+    }
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<BodyOutcome>>);
+
+    impl BodyRecorder for Collect {
+        fn record(&self, outcome: BodyOutcome) {
+            self.0.lock().unwrap().push(outcome);
+        }
+    }
+
+    fn timed(steps: Vec<Step>, dir: Direction) -> (TimedBody<Scripted>, Arc<Collect>) {
+        let rec = Arc::new(Collect::default());
+        let body = Scripted { steps: steps.into(), sleep: None };
+        (TimedBody::new(body, dir, None, rec.clone()), rec)
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn source_stalls_are_attributed_to_the_source() {
+        let steps = vec![Step::Wait(ms(100)), Step::Data(10), Step::Wait(ms(250)), Step::Data(5)];
+        let (mut body, rec) = timed(steps, Direction::Upload);
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+        drop(body);
+        let outcomes = rec.0.lock().unwrap();
+        assert_eq!(outcomes.len(), 1, "recorded exactly once");
+        let o = outcomes[0];
+        assert_eq!((o.bytes, o.frames, o.end), (15, 2, BodyEnd::Complete));
+        assert_eq!(o.source_wait, ms(350));
+        assert_eq!(o.sink_wait, Duration::ZERO);
+        assert_eq!(o.wait_on(Side::Client), ms(350));
+        assert_eq!(o.active(), ms(350));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sink_stalls_are_attributed_to_the_sink() {
+        let steps = vec![Step::Data(10), Step::Data(10), Step::Data(10)];
+        let (mut body, rec) = timed(steps, Direction::Download);
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+            tokio::time::advance(ms(40)).await; // a slow reader
+        }
+        let o = rec.0.lock().unwrap()[0];
+        // The last frame ends the stream (is_end_stream), so only two reader pauses count.
+        assert_eq!(o.sink_wait, ms(80));
+        assert_eq!(o.wait_on(Side::Client), ms(80));
+        assert_eq!(o.source_wait, Duration::ZERO);
+        assert_eq!(o.end, BodyEnd::Complete);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn source_error_is_a_source_abort() {
+        let steps = vec![Step::Data(3), Step::Wait(ms(20)), Step::Fail, Step::Data(3)];
+        let (mut body, rec) = timed(steps, Direction::Upload);
+        assert!(body.frame().await.unwrap().is_ok());
+        assert!(body.frame().await.unwrap().is_err());
+        drop(body);
+        let outcomes = rec.0.lock().unwrap();
+        assert_eq!(outcomes.len(), 1);
+        assert_eq!(outcomes[0].end, BodyEnd::SourceError);
+        assert_eq!(outcomes[0].aborted_by(), Some(Side::Client));
+        assert_eq!(outcomes[0].bytes, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn early_drop_is_a_sink_abort_and_counts_the_open_wait() {
+        let steps = vec![Step::Data(3), Step::Data(3), Step::Data(3)];
+        let (mut body, rec) = timed(steps, Direction::Download);
+        body.frame().await.unwrap().unwrap();
+        tokio::time::advance(ms(30)).await;
+        drop(body);
+        let o = rec.0.lock().unwrap()[0];
+        assert_eq!((o.end, o.aborted_by()), (BodyEnd::SinkDropped, Some(Side::Client)));
+        assert_eq!(o.sink_wait, ms(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_body_never_polled_is_complete() {
+        let (body, rec) = timed(vec![], Direction::Upload);
+        drop(body);
+        let o = rec.0.lock().unwrap()[0];
+        assert_eq!((o.end, o.bytes, o.first_poll), (BodyEnd::Complete, 0, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_counter_follows_bytes() {
+        let progress = Arc::new(AtomicU64::new(0));
+        let rec = Arc::new(Collect::default());
+        let body = Scripted { steps: vec![Step::Data(4), Step::Data(6)].into(), sleep: None };
+        let mut body = TimedBody::new(body, Direction::Upload, Some(progress.clone()), rec);
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(progress.load(Ordering::Relaxed), 4);
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(progress.load(Ordering::Relaxed), 10);
+    }
+}

@@ -1,0 +1,210 @@
+//! The pooled client to the registry: HTTP/1.1 and h2 (by ALPN), rustls, connect timing, and
+//! a gauge of open upstream connections.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Uri};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::{Histogram, IntGauge};
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+use crate::error::SetupError;
+use crate::metrics::Metrics;
+use crate::timed_body::Side;
+
+/// Where requests go: the parsed `--upstream`.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The authority as a header value, for `--host-header upstream`.
+    pub host_header: HeaderValue,
+    /// `scheme://authority`, for messages.
+    pub display: String,
+}
+
+impl UpstreamTarget {
+    pub fn parse(uri: &Uri) -> Result<Self, SetupError> {
+        let bad = || SetupError::UpstreamUrl(uri.to_string());
+        let scheme = uri.scheme().cloned().ok_or_else(bad)?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(bad());
+        }
+        let authority = uri.authority().cloned().ok_or_else(bad)?;
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(bad());
+        }
+        let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| bad())?;
+        let display = format!("{scheme}://{authority}");
+        Ok(UpstreamTarget { scheme, authority, host_header, display })
+    }
+
+    /// The upstream URI for a request's path and query, kept byte for byte.
+    pub fn uri_for(&self, path_and_query: Option<&http::uri::PathAndQuery>) -> Result<Uri, http::Error> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query.cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+        Ok(Uri::from_parts(parts)?)
+    }
+}
+
+pub type Connector = TimedConnector<HttpsConnector<HttpConnector>>;
+pub type UpstreamClient<B> = Client<Connector, B>;
+
+/// Builds the pooled client. `B` is the request body type.
+pub fn client<B>(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    metrics: &Metrics,
+) -> UpstreamClient<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    let connector = TimedConnector {
+        inner: https,
+        connect_seconds: metrics.upstream_connect.clone(),
+        open: metrics.connection_gauge(Side::Registry),
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// Times each new upstream connection (TCP and TLS) and counts the open ones.
+#[derive(Clone)]
+pub struct TimedConnector<C> {
+    inner: C,
+    connect_seconds: Histogram,
+    open: IntGauge,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> Service<Uri> for TimedConnector<C>
+where
+    C: Service<Uri, Response = MaybeHttpsStream<TokioIo<TcpStream>>> + Send,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = CountedIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let started = std::time::Instant::now();
+        let connecting = self.inner.call(uri);
+        let histogram = self.connect_seconds.clone();
+        let open = self.open.clone();
+        Box::pin(async move {
+            let io = connecting.await.map_err(Into::into)?;
+            histogram.observe(started.elapsed().as_secs_f64());
+            open.inc();
+            Ok(CountedIo { io, open: Arc::new(open) })
+        })
+    }
+}
+
+/// An upstream connection that keeps the open-connections gauge honest when it closes.
+pub struct CountedIo<T> {
+    io: T,
+    open: Arc<IntGauge>,
+}
+
+impl<T> Drop for CountedIo<T> {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl<T: Read + Unpin> Read for CountedIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for CountedIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl<T: Connection> Connection for CountedIo<T> {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls() {
+        for ok in ["http://127.0.0.1:5000", "https://registry.example", "http://[::1]:5000/"] {
+            let t = UpstreamTarget::parse(&ok.parse().unwrap()).unwrap();
+            assert!(t.display.starts_with("http"));
+        }
+        for bad in ["ftp://x", "127.0.0.1:5000", "/v2/", "http://x/prefix", "http://x/?q=1"] {
+            assert!(UpstreamTarget::parse(&bad.parse().unwrap()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn uri_keeps_path_and_query_bytes() {
+        let t = UpstreamTarget::parse(&"http://127.0.0.1:5000".parse().unwrap()).unwrap();
+        let pq: http::uri::PathAndQuery = "/v2/a/blobs/uploads/u?_state=AbC%3D%3D&digest=sha256%3Ax".parse().unwrap();
+        let uri = t.uri_for(Some(&pq)).unwrap();
+        assert_eq!(uri.to_string(), "http://127.0.0.1:5000/v2/a/blobs/uploads/u?_state=AbC%3D%3D&digest=sha256%3Ax");
+    }
+}
