@@ -13,6 +13,7 @@ use http_body_util::{Empty, Full};
 use hyper::body::Incoming;
 
 use crate::metrics::Metrics;
+use crate::transfers::Tracker;
 use crate::upstream::{UpstreamClient, UpstreamTarget};
 
 /// How long `/readyz` waits for the registry's `GET /v2/`.
@@ -23,13 +24,20 @@ pub struct Admin {
     /// A client of its own for probes: probes carry no body, proxied requests do.
     pub probe: UpstreamClient<Empty<Bytes>>,
     pub upstream: UpstreamTarget,
+    /// `None` when the transfers API is turned off.
+    pub transfers: Option<Arc<Tracker>>,
     /// Set once shutdown begins, so load balancers stop sending new work.
     draining: AtomicBool,
 }
 
 impl Admin {
-    pub fn new(metrics: Arc<Metrics>, probe: UpstreamClient<Empty<Bytes>>, upstream: UpstreamTarget) -> Self {
-        Admin { metrics, probe, upstream, draining: AtomicBool::new(false) }
+    pub fn new(
+        metrics: Arc<Metrics>,
+        probe: UpstreamClient<Empty<Bytes>>,
+        upstream: UpstreamTarget,
+        transfers: Option<Arc<Tracker>>,
+    ) -> Self {
+        Admin { metrics, probe, upstream, transfers, draining: AtomicBool::new(false) }
     }
 
     pub fn set_draining(&self) {
@@ -51,8 +59,30 @@ impl Admin {
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => self.readiness().await,
+            path if path == TRANSFERS || path.starts_with(TRANSFERS_PREFIX) => self.transfers(path, req.uri().query()),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         })
+    }
+
+    /// `GET /api/v1/transfers?limit=N` (newest first) and `GET /api/v1/transfers/<id>`.
+    fn transfers(&self, path: &str, query: Option<&str>) -> Response<Full<Bytes>> {
+        let Some(tracker) = &self.transfers else {
+            return text(StatusCode::NOT_FOUND, "the transfers API is disabled (--disable-transfers-api)\n");
+        };
+        if path == TRANSFERS {
+            let limit = match crate::route::query_param(query, "limit").map(str::parse::<usize>) {
+                None => 100,
+                Some(Ok(n)) => n,
+                Some(Err(_)) => return text(StatusCode::BAD_REQUEST, "limit must be a non-negative integer\n"),
+            };
+            let transfers = tracker.recent(limit);
+            return json(&serde_json::json!({ "transfers": transfers }));
+        }
+        let id = &path[TRANSFERS_PREFIX.len()..];
+        match id.parse::<u64>().ok().and_then(|id| tracker.get(id)) {
+            Some(transfer) => json(&*transfer),
+            None => text(StatusCode::NOT_FOUND, "no such transfer\n"),
+        }
     }
 
     /// Ready when not draining and the registry answers `GET /v2/` with anything but a 5xx
@@ -82,6 +112,16 @@ impl Admin {
             ),
         }
     }
+}
+
+const TRANSFERS: &str = "/api/v1/transfers";
+const TRANSFERS_PREFIX: &str = "/api/v1/transfers/";
+
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -78,6 +78,19 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_LABEL_REPOSITORY", default_value_t = 0)]
     pub label_repository: usize,
 
+    /// A push or pull with no request for this long is closed (as incomplete, or failed if a
+    /// request was cut off); an upload never finished is closed as abandoned.
+    #[arg(long, env = "REGSCOPE_TRANSFER_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub transfer_idle_timeout: Duration,
+
+    /// How many finished pushes and pulls to keep for the transfers API and `report`.
+    #[arg(long, env = "REGSCOPE_KEEP_TRANSFERS", default_value_t = 1000)]
+    pub keep_transfers: usize,
+
+    /// Turn off `/api/v1/transfers` (it shows repository names, tags and client addresses).
+    #[arg(long, env = "REGSCOPE_DISABLE_TRANSFERS_API")]
+    pub disable_transfers_api: bool,
+
     /// Log format.
     #[arg(long, env = "REGSCOPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -20,6 +20,9 @@ use crate::timed_body::{BodyOutcome, BodyRecorder, Direction, Side};
 
 /// Where finished exchanges go after metrics and logs (the transfer tracker).
 pub trait ExchangeSink: Send + Sync {
+    /// A request head has arrived and is about to be forwarded.
+    fn started(&self, exchange: &Arc<Exchange>);
+    /// The exchange is over; called exactly once, after metrics and the log event.
     fn finished(&self, record: ExchangeRecord);
 }
 
@@ -52,6 +55,9 @@ pub struct ExchangeRecord {
     pub upstream_error: Option<UpstreamErrorKind>,
     /// Selected response headers the transfer tracker needs (upload uuid, digest, length).
     pub response_info: ResponseInfo,
+    /// A body captured whole: a pushed manifest (request), a fetched manifest or v1 ancestry
+    /// (response).
+    pub captured: Option<Vec<u8>>,
 }
 
 /// The few response headers that tie requests into uploads and transfers.
@@ -105,6 +111,8 @@ pub struct Exchange {
     download: OnceLock<BodyOutcome>,
     upstream_error: OnceLock<UpstreamErrorKind>,
     response_info: OnceLock<ResponseInfo>,
+    /// A body captured whole (a pushed manifest, a fetched manifest or v1 ancestry).
+    captured: OnceLock<Vec<u8>>,
     /// Woken when the request body has been fully forwarded (starts the response timeout).
     pub upload_done: Notify,
     /// Live byte counts, for in-progress views.
@@ -125,7 +133,7 @@ impl Exchange {
         let api = route.api();
         recorders.metrics.in_flight.with_label_values(&[api.as_str()]).inc();
         let owned = |s: Option<&str>| s.map(Box::from);
-        Arc::new(Exchange {
+        let exchange = Arc::new(Exchange {
             record: ExchangeRecord {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 api,
@@ -133,7 +141,7 @@ impl Exchange {
                 method: method.clone(),
                 repository: owned(route.repository),
                 reference: owned(route.reference),
-                digest: owned(route.digest),
+                digest: route.digest.map(|d| Box::from(crate::route::percent_decode(d).as_ref())),
                 upload_id: owned(route.upload_id),
                 client,
                 status: None,
@@ -146,6 +154,7 @@ impl Exchange {
                 download: None,
                 upstream_error: None,
                 response_info: ResponseInfo::default(),
+                captured: None,
             },
             recorders,
             log_path,
@@ -156,14 +165,22 @@ impl Exchange {
             download: OnceLock::new(),
             upstream_error: OnceLock::new(),
             response_info: OnceLock::new(),
+            captured: OnceLock::new(),
             upload_done: Notify::new(),
             upload_progress: Arc::new(AtomicU64::new(0)),
             download_progress: Arc::new(AtomicU64::new(0)),
-        })
+        });
+        exchange.recorders.sink.started(&exchange);
+        exchange
     }
 
     pub fn id(&self) -> u64 {
         self.record.id
+    }
+
+    /// What was known when the request arrived: route, client, start time.
+    pub fn info(&self) -> &ExchangeRecord {
+        &self.record
     }
 
     pub fn received(&self) -> Instant {
@@ -197,7 +214,7 @@ impl Exchange {
 }
 
 impl BodyRecorder for Exchange {
-    fn record(&self, outcome: BodyOutcome) {
+    fn record(&self, outcome: BodyOutcome, captured: Vec<u8>) {
         match outcome.direction {
             Direction::Upload => {
                 let _ = self.upload.set(outcome);
@@ -206,6 +223,9 @@ impl BodyRecorder for Exchange {
             Direction::Download => {
                 let _ = self.download.set(outcome);
             }
+        }
+        if !captured.is_empty() && outcome.end == crate::timed_body::BodyEnd::Complete {
+            let _ = self.captured.set(captured);
         }
     }
 }
@@ -223,6 +243,7 @@ impl Drop for Exchange {
         record.download = self.download.take();
         record.upstream_error = self.upstream_error.get().copied();
         record.response_info = self.response_info.take().unwrap_or_default();
+        record.captured = self.captured.take();
         record.ended = [record.download.map(|d| d.ended), record.upload.map(|u| u.ended), record.response_head]
             .into_iter()
             .flatten()

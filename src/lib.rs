@@ -9,6 +9,9 @@
 //! - [`exchange`]: one request's timeline and what it records when it is over.
 //! - [`proxy`]: one exchange end to end; [`upstream`]: the pooled client; [`tls`]: rustls.
 //! - [`server`]: listeners, accept loops, graceful shutdown; [`admin`]: the admin port.
+//! - [`phases`]: upload phases, v1 and v2 in one vocabulary; [`manifest`]: what a pull fetches.
+//! - [`timeline`]: a transfer's requests on one time axis, and who each instant belongs to.
+//! - [`transfers`]: grouping requests into pushes and pulls; [`report`]: the table people read.
 //! - [`metrics`]: every Prometheus family (the contract); [`config`]: flags and env twins.
 #![forbid(unsafe_code)]
 
@@ -17,12 +20,17 @@ pub mod config;
 pub mod error;
 pub mod exchange;
 pub mod headers;
+pub mod manifest;
 pub mod metrics;
+pub mod phases;
 pub mod proxy;
+pub mod report;
 pub mod route;
 pub mod server;
 pub mod timed_body;
+pub mod timeline;
 pub mod tls;
+pub mod transfers;
 pub mod upstream;
 
 use std::future::Future;
@@ -33,18 +41,12 @@ use tokio::net::TcpListener;
 use crate::admin::Admin;
 use crate::config::ServeConfig;
 use crate::error::SetupError;
-use crate::exchange::{ExchangeRecord, ExchangeSink, Recorders};
+use crate::exchange::Recorders;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::server::ProxyListener;
+use crate::transfers::{Tracker, TrackerConfig};
 use crate::upstream::UpstreamTarget;
-
-/// Where finished exchanges go until the transfer tracker consumes them.
-struct Discard;
-
-impl ExchangeSink for Discard {
-    fn finished(&self, _record: ExchangeRecord) {}
-}
 
 /// Binds the listeners, logs where they are, and serves until `shutdown` resolves.
 pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), SetupError> {
@@ -55,7 +57,16 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         _ => None,
     };
     let metrics = Arc::new(Metrics::new(config.label_repository));
-    let recorders = Arc::new(Recorders { metrics: metrics.clone(), sink: Arc::new(Discard) });
+    let tracker = Arc::new(Tracker::new(
+        TrackerConfig {
+            idle_timeout: config.transfer_idle_timeout,
+            keep_finished: config.keep_transfers.max(1),
+            ..TrackerConfig::default()
+        },
+        metrics.clone(),
+    ));
+    transfers::spawn_sweeper(&tracker);
+    let recorders = Arc::new(Recorders { metrics: metrics.clone(), sink: tracker.clone() });
     let proxy = Arc::new(Proxy {
         client: upstream::client(
             tls_client.clone(),
@@ -69,7 +80,8 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         recorders,
     });
     let probe = upstream::client(tls_client, config.upstream_connect_timeout, config.upstream_idle_timeout, &metrics);
-    let admin = Arc::new(Admin::new(metrics, probe, upstream.clone()));
+    let transfers_api = (!config.disable_transfers_api).then_some(tracker);
+    let admin = Arc::new(Admin::new(metrics, probe, upstream.clone(), transfers_api));
 
     let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| SetupError::Bind { addr, source }) };
     let proxy_listener = bind(config.listen).await?;

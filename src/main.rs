@@ -11,8 +11,23 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Serve(config)) => serve(config, &runtime),
         None => serve(cli.serve, &runtime),
-        Some(Command::Report(_)) => anyhow::bail!("report is not available in this build"),
+        Some(Command::Report(config)) => report(config, &runtime),
     }
+}
+
+fn report(config: regscope::config::ReportConfig, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let transfers = runtime.block_on(regscope::report::fetch(&config.admin, config.last))?;
+    if config.json {
+        println!("{}", serde_json::to_string_pretty(&transfers)?);
+        return Ok(());
+    }
+    if transfers.is_empty() {
+        println!("no finished pushes or pulls yet");
+    }
+    for transfer in &transfers {
+        println!("{}", regscope::report::render(transfer));
+    }
+    Ok(())
 }
 
 fn serve(config: regscope::config::ServeConfig, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {

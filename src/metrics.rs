@@ -78,7 +78,7 @@ pub fn method_label(method: &Method) -> &'static str {
 }
 
 /// Why an upstream exchange failed. A metric label: closed set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamErrorKind {
     ConnectRefused,

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::error::{classify_client_error, ProxyError};
 use crate::exchange::{Exchange, Recorders, ResponseInfo};
 use crate::headers::{self, ClientView, HostMode, Origin};
+use crate::manifest;
 use crate::route::{classify, Operation, Route};
 use crate::timed_body::{Direction, TimedBody};
 use crate::upstream::{UpstreamClient, UpstreamTarget};
@@ -114,7 +115,10 @@ impl Proxy {
             .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
         parts.version = Version::HTTP_11;
 
-        let body = TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone());
+        let mut body = TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone());
+        if exchange.info().operation == Operation::ManifestPut {
+            body = body.capture(manifest::CAPTURE_LIMIT, content_length(&parts.headers));
+        }
         exchange.mark_forwarded();
         let response = self.await_response(Request::from_parts(parts, body), exchange).await?;
 
@@ -123,8 +127,13 @@ impl Proxy {
         let client_origin = client_host.as_deref().map(|authority| Origin { scheme: conn.scheme(), authority });
         let info = response_info(&parts.headers);
         headers::forward_response_headers(&mut parts.headers, &upstream_origin, client_origin.as_ref());
+        let capture = parts.status.is_success()
+            && matches!(exchange.info().operation, Operation::ManifestGet | Operation::V1AncestryGet);
         exchange.mark_response_head(parts.status.as_u16(), info);
-        let body = TimedBody::new(body, Direction::Download, Some(exchange.download_progress.clone()), exchange.clone());
+        let mut body = TimedBody::new(body, Direction::Download, Some(exchange.download_progress.clone()), exchange.clone());
+        if capture {
+            body = body.capture(manifest::CAPTURE_LIMIT, content_length(&parts.headers));
+        }
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
 
@@ -164,9 +173,10 @@ fn response_info(headers: &http::HeaderMap) -> ResponseInfo {
     ResponseInfo {
         upload_uuid: text("docker-upload-uuid"),
         content_digest: text("docker-content-digest"),
-        content_length: headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok()),
+        content_length: content_length(headers),
     }
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }

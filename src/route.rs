@@ -7,7 +7,7 @@
 use http::Method;
 
 /// Which protocol family a request belongs to. A metric label: closed set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Api {
     V1,
@@ -30,7 +30,7 @@ impl Api {
 macro_rules! operations {
     ($($variant:ident => $name:literal, $api:ident;)*) => {
         /// Every registry operation regscope tells apart. A metric label: closed set.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
         #[serde(rename_all = "snake_case")]
         pub enum Operation { $($variant,)* }
 
@@ -292,6 +292,31 @@ pub fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
     })
 }
 
+/// Decodes `%XX` escapes (query values arrive encoded: `digest=sha256%3Aabc…`). Invalid
+/// escapes are kept as they are.
+pub fn percent_decode(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains('%') {
+        return text.into();
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned().into()
+}
+
 /// The OCI repository name grammar:
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`.
 pub fn is_repository_name(name: &str) -> bool {
@@ -505,6 +530,20 @@ mod tests {
             let (path, query) = split(t);
             let r = classify(&Method::from_bytes(m.as_bytes()).unwrap(), path, query);
             assert_eq!((r.operation, r.repository), (*op, *repo), "{m} {t}");
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        let cases: &[(&str, &str)] = &[
+            ("sha256%3Aabc", "sha256:abc"),
+            ("sha256:abc", "sha256:abc"),
+            ("a%2Fb%2f", "a/b/"),
+            ("bad%zz%", "bad%zz%"),
+            ("%ff", "\u{fffd}"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(percent_decode(input), *want, "{input}");
         }
     }
 

@@ -21,7 +21,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 /// Which way a body flows. A metric label: closed set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// Client → registry (request bodies).
@@ -58,7 +58,7 @@ impl Direction {
 }
 
 /// One end of the proxied exchange. A metric label: closed set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Side {
     Client,
@@ -77,7 +77,7 @@ impl Side {
 }
 
 /// How a body's life ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BodyEnd {
     /// The source signalled end of stream and the sink took everything.
@@ -141,7 +141,38 @@ impl BodyOutcome {
 
 /// Receives a body's outcome, exactly once.
 pub trait BodyRecorder: Send + Sync {
-    fn record(&self, outcome: BodyOutcome);
+    /// `captured` holds the body's first bytes when capture was asked for (see
+    /// [`TimedBody::capture`]), and is empty otherwise.
+    fn record(&self, outcome: BodyOutcome, captured: Vec<u8>);
+}
+
+/// A bounded copy of a body's bytes, taken while they stream past (manifests, v1 ancestry).
+/// Allocated once up front; stops copying at its limit, never delays the stream.
+#[derive(Debug, Default)]
+struct Capture {
+    bytes: Vec<u8>,
+    limit: usize,
+    /// Set when the body outgrew the limit: a truncated copy is worthless, so it is dropped.
+    overflowed: bool,
+}
+
+impl Capture {
+    fn take(&mut self, data: &impl Buf) {
+        if self.overflowed || self.limit == 0 {
+            return;
+        }
+        let n = data.remaining();
+        if self.bytes.len() + n > self.limit || n != data.chunk().len() {
+            self.overflowed = true;
+            self.bytes = Vec::new();
+            return;
+        }
+        self.bytes.extend_from_slice(data.chunk());
+    }
+
+    fn into_bytes(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.bytes)
+    }
 }
 
 /// Running totals, kept inline in the wrapper.
@@ -169,6 +200,7 @@ pin_project! {
         tally: Tally,
         // Live byte count for progress views; shared, updated with a relaxed add.
         progress: Option<Arc<AtomicU64>>,
+        capture: Capture,
         // Taken on the first end so the outcome is recorded exactly once.
         recorder: Option<Arc<dyn BodyRecorder>>,
         // Whether the inner body has reported its last frame.
@@ -185,7 +217,7 @@ pin_project! {
                 } else {
                     BodyEnd::SinkDropped
                 };
-                recorder.record(finish(*this.direction, this.tally, end, Instant::now()));
+                recorder.record(finish(*this.direction, this.tally, end, Instant::now()), this.capture.into_bytes());
             }
         }
     }
@@ -203,9 +235,18 @@ impl<B: Body> TimedBody<B> {
             direction,
             tally: Tally::default(),
             progress,
+            capture: Capture::default(),
             recorder: Some(recorder),
             done: false,
         }
+    }
+
+    /// Keeps a copy of the body's bytes, up to `limit` (a body larger than that is not kept).
+    /// `expected` (e.g. from Content-Length) sizes the one allocation.
+    pub fn capture(mut self, limit: usize, expected: Option<u64>) -> Self {
+        let initial = expected.map_or(16 * 1024, |n| n.min(limit as u64) as usize);
+        self.capture = Capture { bytes: Vec::with_capacity(initial), limit, overflowed: false };
+        self
     }
 }
 
@@ -281,6 +322,7 @@ where
                         if let Some(progress) = this.progress {
                             progress.fetch_add(n, Ordering::Relaxed);
                         }
+                        this.capture.take(data);
                     }
                 }
                 tally.returned_at = Some(now);
@@ -293,7 +335,7 @@ where
         if let Some(end) = end {
             *this.done = true;
             if let Some(recorder) = this.recorder.take() {
-                recorder.record(finish(*this.direction, tally, end, now));
+                recorder.record(finish(*this.direction, tally, end, now), this.capture.into_bytes());
             }
         }
         Poll::Ready(item)
@@ -362,11 +404,12 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct Collect(Mutex<Vec<BodyOutcome>>);
+    struct Collect(Mutex<Vec<BodyOutcome>>, Mutex<Vec<Vec<u8>>>);
 
     impl BodyRecorder for Collect {
-        fn record(&self, outcome: BodyOutcome) {
+        fn record(&self, outcome: BodyOutcome, captured: Vec<u8>) {
             self.0.lock().unwrap().push(outcome);
+            self.1.lock().unwrap().push(captured);
         }
     }
 
@@ -458,5 +501,18 @@ mod tests {
         assert_eq!(progress.load(Ordering::Relaxed), 4);
         body.frame().await.unwrap().unwrap();
         assert_eq!(progress.load(Ordering::Relaxed), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capture_keeps_small_bodies_and_drops_large_ones() {
+        for (limit, want) in [(100, 10), (5, 0)] {
+            let rec = Arc::new(Collect::default());
+            let body = Scripted { steps: vec![Step::Data(4), Step::Data(6)].into(), sleep: None };
+            let mut body = TimedBody::new(body, Direction::Download, None, rec.clone()).capture(limit, Some(10));
+            while let Some(frame) = body.frame().await {
+                frame.unwrap();
+            }
+            assert_eq!(rec.1.lock().unwrap()[0].len(), want, "limit {limit}");
+        }
     }
 }

@@ -1,0 +1,278 @@
+//! Rendering transfers as the table people otherwise build by hand from registry logs: one
+//! row per phase per layer, its time and share of the whole, then a one-line verdict.
+
+use std::fmt::Write as _;
+
+use crate::manifest::BlobKind;
+use crate::route::{Api, Operation};
+use crate::transfers::{Blob, Transfer, TransferDirection};
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub operation: String,
+    pub seconds: f64,
+    /// Waiting on the client / registry / bytes moving, where that split is known.
+    pub split: Option<crate::timeline::Split>,
+}
+
+fn short(id: &str) -> &str {
+    let hex = id.split_once(':').map_or(id, |(_, h)| h);
+    &hex[..hex.len().min(12)]
+}
+
+fn blob_name(blob: &Blob, index: usize) -> String {
+    let kind = match blob.kind {
+        Some(BlobKind::Config) => "config".to_owned(),
+        Some(BlobKind::Layer) | None => format!("layer {}", index + 1),
+    };
+    match &blob.digest {
+        Some(d) => format!("{kind} {}", short(d)),
+        None => kind,
+    }
+}
+
+/// Human units: `1.0 GB`, `37.1 MB`, `512 B` (decimal, like the registry logs and the seed).
+pub fn bytes(n: u64) -> String {
+    let n = n as f64;
+    match n {
+        n if n >= 1e9 => format!("{:.2} GB", n / 1e9),
+        n if n >= 1e6 => format!("{:.1} MB", n / 1e6),
+        n if n >= 1e3 => format!("{:.1} kB", n / 1e3),
+        n => format!("{n} B"),
+    }
+}
+
+/// The rows of one transfer, in the order things happened.
+pub fn rows(t: &Transfer) -> Vec<Row> {
+    // (start offset, order within a group, row): sorted at the end.
+    let mut out: Vec<(f64, usize, Row)> = Vec::new();
+    let mut layer_index = 0;
+    let mut blobs: Vec<&Blob> = t.blobs.iter().collect();
+    blobs.sort_by(|a, b| a.start.total_cmp(&b.start));
+    let v1 = t.api == Api::V1;
+    for blob in blobs {
+        let name = blob_name(blob, layer_index);
+        if blob.kind != Some(BlobKind::Config) {
+            layer_index += 1;
+        }
+        let size = format!(" ({})", bytes(blob.bytes));
+        let mut push = |i: usize, operation: String, seconds: f64, split| out.push((blob.start, i, Row { operation, seconds, split }));
+        match (&blob.phases, t.direction) {
+            (Some(p), TransferDirection::Push) => {
+                let (start, transfer, commit) =
+                    if v1 { ("put json", "put layer", "put checksum") } else { ("start", "transfer", "commit") };
+                let id = if v1 { blob.digest.as_deref().map_or("", short).to_owned() } else { name.clone() };
+                push(0, format!("{start} {id}"), p.start, None);
+                push(1, format!("{transfer} {id}{size}"), p.transfer, Some(p.transfer_split));
+                push(2, format!("{commit} {id}"), p.commit, None);
+                push(3, format!("gap {id}"), p.gap, None);
+            }
+            _ if v1 => {
+                let id = blob.digest.as_deref().map_or("", short);
+                push(0, format!("get json {id}"), blob.metadata_seconds, None);
+                push(1, format!("get layer {id}{size}"), blob.split.total(), Some(blob.split));
+            }
+            _ => push(0, format!("get {name}{size}"), blob.split.total(), Some(blob.split)),
+        }
+    }
+    for r in &t.requests {
+        let label = match r.operation {
+            Operation::ManifestPut => "put manifest",
+            Operation::ManifestGet => "get manifest",
+            Operation::ManifestHead => "head manifest",
+            Operation::V1TagPut => "put tag",
+            Operation::V1RepositoryImagesPut => "put images",
+            Operation::V1RepositoryImagesGet => "get images",
+            Operation::V1TagsGet => "get tags",
+            Operation::V1AncestryGet => "get ancestry",
+            _ => continue,
+        };
+        let reference = r.reference.as_deref().map(|x| if x.contains(':') { short(x) } else { x }).unwrap_or("");
+        let row = Row { operation: format!("{label} {reference}").trim_end().to_owned(), seconds: r.duration(), split: None };
+        out.push((r.start, 0, row));
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    out.into_iter().map(|(_, _, row)| row).collect()
+}
+
+/// The one-line verdict: where this transfer's time went.
+pub fn verdict(t: &Transfer) -> String {
+    let wall = t.wall_seconds;
+    if wall <= 0.0 {
+        return format!("this {} took no measurable time", t.direction.as_str());
+    }
+    let pct = |x: f64| 100.0 * x / wall;
+    let client_doing = match t.direction {
+        TransferDirection::Push => "compressing, hashing, or idle between requests",
+        TransferDirection::Pull => "reading slowly (extracting), or idle between requests",
+    };
+    format!(
+        "{:.0} % of this {} was spent in the client ({client_doing}), {:.0} % in the registry, {:.0} % moving bytes",
+        pct(t.parties.client),
+        t.direction.as_str(),
+        pct(t.parties.registry),
+        pct(t.parties.moving),
+    )
+}
+
+/// The whole table for one transfer.
+pub fn render(t: &Transfer) -> String {
+    let mut s = String::new();
+    let title = format!(
+        "{} {} {}{} from {} — {} ({} requests, {})",
+        t.api.as_str(),
+        t.direction.as_str(),
+        t.repository,
+        t.tag.as_deref().map(|tag| format!(":{tag}")).unwrap_or_default(),
+        t.client,
+        t.outcome.as_str(),
+        t.requests.len() as u64 + t.requests_dropped,
+        bytes(t.bytes),
+    );
+    let _ = writeln!(s, "transfer {}: {title}", t.id);
+    let rows = rows(t);
+    let width = rows.iter().map(|r| r.operation.chars().count()).max().unwrap_or(0).max(24);
+    let heading = format!("{} phase", t.direction.as_str());
+    let _ = writeln!(s, "  {heading:<width$}  {:>10}  {:>7}  {:>26}", "time", "share", "client / registry / moving");
+    for row in &rows {
+        let share = if t.wall_seconds > 0.0 { 100.0 * row.seconds / t.wall_seconds } else { 0.0 };
+        let split = row
+            .split
+            .map(|p| format!("{:.2}s / {:.2}s / {:.2}s", p.client, p.registry, p.moving))
+            .unwrap_or_default();
+        let _ = writeln!(s, "  {:<width$}  {:>9.3}s  {:>6.1}%  {:>26}", row.operation, row.seconds, share, split);
+    }
+    let _ = writeln!(s, "  {:<width$}  {:>9.3}s  {:>6.1}%", "total (wall)", t.wall_seconds, 100.0);
+    if rows.len() > 1 {
+        let _ = writeln!(s, "  (blobs move in parallel, so rows may add up to more than the wall time)");
+    }
+    let _ = writeln!(s, "  verdict: {}", verdict(t));
+    s
+}
+
+/// Why `regscope report` could not get the transfers.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0} is not an http:// admin address")]
+    Address(String),
+    #[error("asking {url}: {cause}")]
+    Request { url: String, cause: String },
+    #[error("{url} answered {status}: {body}")]
+    Status { url: String, status: u16, body: String },
+    #[error("{url} sent something that is not a transfers list: {cause}")]
+    Decode { url: String, cause: String },
+}
+
+/// Fetches the newest `last` transfers from a running regscope's admin port.
+pub async fn fetch(admin: &http::Uri, last: usize) -> Result<Vec<Transfer>, FetchError> {
+    use http_body_util::{BodyExt, Empty};
+    let authority = admin.authority().ok_or_else(|| FetchError::Address(admin.to_string()))?;
+    if admin.scheme_str().is_some_and(|s| s != "http") {
+        return Err(FetchError::Address(admin.to_string()));
+    }
+    let url = format!("http://{authority}/api/v1/transfers?limit={last}");
+    let uri: http::Uri = url.parse().map_err(|_| FetchError::Address(admin.to_string()))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let failed = |cause: String| FetchError::Request { url: url.clone(), cause };
+    let response = client.get(uri).await.map_err(|e| failed(crate::error::classify_client_error(&e).1))?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| failed(e.to_string()))?.to_bytes();
+    if !status.is_success() {
+        let body = String::from_utf8_lossy(&body).trim().to_owned();
+        return Err(FetchError::Status { url, status: status.as_u16(), body });
+    }
+    #[derive(serde::Deserialize)]
+    struct List {
+        transfers: Vec<Transfer>,
+    }
+    let list: List = serde_json::from_slice(&body).map_err(|e| FetchError::Decode { url: url.clone(), cause: e.to_string() })?;
+    Ok(list.transfers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::phases::UploadPhases;
+    use crate::timeline::Split;
+    use crate::transfers::{BlobOutcome, Outcome};
+
+    fn transfer() -> Transfer {
+        let phases = UploadPhases {
+            start: 0.5,
+            transfer: 8.0,
+            commit: 0.5,
+            gap: 1.0,
+            total: 10.0,
+            transfer_split: Split { client: 6.0, registry: 1.0, moving: 1.0 },
+            bytes: 37_124_367,
+        };
+        Transfer {
+            id: 7,
+            direction: TransferDirection::Push,
+            outcome: Outcome::Complete,
+            api: Api::V2,
+            repository: "bigtest2".into(),
+            tag: Some("latest".into()),
+            client: "127.0.0.1".into(),
+            started_unix_ms: 0,
+            wall_seconds: 10.0,
+            parties: Split { client: 8.2, registry: 1.1, moving: 0.7 },
+            bytes: 37_124_367,
+            blobs: vec![Blob {
+                digest: Some("sha256:0123456789abcdef".into()),
+                kind: Some(BlobKind::Layer),
+                bytes: 37_124_367,
+                declared_size: None,
+                outcome: BlobOutcome::Committed,
+                start: 0.0,
+                end: 10.0,
+                phases: Some(phases),
+                metadata_seconds: 0.0,
+                split: phases.transfer_split,
+            }],
+            requests: vec![],
+            requests_dropped: 0,
+        }
+    }
+
+    #[test]
+    fn rows_follow_the_phases() {
+        let rows = rows(&transfer());
+        let ops: Vec<_> = rows.iter().map(|r| r.operation.as_str()).collect();
+        assert_eq!(
+            ops,
+            [
+                "start layer 1 0123456789ab",
+                "transfer layer 1 0123456789ab (37.1 MB)",
+                "commit layer 1 0123456789ab",
+                "gap layer 1 0123456789ab"
+            ]
+        );
+        assert_eq!(rows[1].seconds, 8.0);
+    }
+
+    #[test]
+    fn verdict_names_the_shares() {
+        assert_eq!(
+            verdict(&transfer()),
+            "82 % of this push was spent in the client (compressing, hashing, or idle between requests), 11 % in the registry, 7 % moving bytes"
+        );
+    }
+
+    #[test]
+    fn table_has_total_and_verdict() {
+        let text = render(&transfer());
+        assert!(text.contains("total (wall)"), "{text}");
+        assert!(text.contains("80.0%"), "{text}");
+        assert!(text.contains("verdict: 82 %"), "{text}");
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(37_124_367), "37.1 MB");
+        assert_eq!(bytes(1_078_000_000), "1.08 GB");
+    }
+}

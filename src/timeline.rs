@@ -1,0 +1,346 @@
+//! A transfer's timeline: its requests as offsets from the transfer's start, and the rule
+//! that attributes every instant of the wall time to exactly one party.
+//!
+//! # The attribution rule
+//! Each request is cut into segments whose state is known: waiting on the registry (connect,
+//! processing between request and response head), bytes moving (proxy turnaround), or a
+//! body, which is a mix: of its active life we know how long it waited on the client, on the
+//! registry, and how long bytes moved, but not in what order, so the mix is spread evenly
+//! over the body's life. At any instant, over the segments active then:
+//! - bytes are **moving** if any stream moves;
+//! - otherwise the **registry** holds things up if any request waits on it;
+//! - otherwise it is the **client**, and so is every instant when no request of the transfer
+//!   is on the wire at all (the daemon working: compressing, hashing, deciding).
+//!
+//! With mixes, "any stream moves" is taken with the mixes as independent probabilities:
+//! P(moving) = 1 − Π(1 − mᵢ), P(client) = Π cᵢ, P(registry) = the rest. The three shares of
+//! each instant add to one, so the shares of a transfer add to exactly 100 %.
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::exchange::ExchangeRecord;
+use crate::route::Operation;
+use crate::timed_body::{BodyEnd, BodyOutcome, Side};
+
+/// Seconds spent per party. Also used for a body's or a phase's split.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Split {
+    pub client: f64,
+    pub registry: f64,
+    /// Bytes moving (called `transfer` in the image-level metrics).
+    pub moving: f64,
+}
+
+impl Split {
+    pub fn total(&self) -> f64 {
+        self.client + self.registry + self.moving
+    }
+
+    pub fn add(&mut self, other: Split) {
+        self.client += other.client;
+        self.registry += other.registry;
+        self.moving += other.moving;
+    }
+}
+
+/// One body as seen in a transfer, offsets in seconds from the transfer's start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BodyView {
+    pub bytes: u64,
+    /// First poll (the sink asked for data); for an empty body never polled, its end.
+    pub start: f64,
+    pub end: f64,
+    pub client_wait: f64,
+    pub registry_wait: f64,
+    pub outcome: BodyEnd,
+}
+
+impl BodyView {
+    fn new(body: &BodyOutcome, base: Instant) -> BodyView {
+        let at = |t: Instant| t.saturating_duration_since(base).as_secs_f64();
+        BodyView {
+            bytes: body.bytes,
+            start: at(body.first_poll.unwrap_or(body.ended)),
+            end: at(body.ended),
+            client_wait: body.wait_on(Side::Client).as_secs_f64(),
+            registry_wait: body.wait_on(Side::Registry).as_secs_f64(),
+            outcome: body.end,
+        }
+    }
+
+    pub fn active(&self) -> f64 {
+        (self.end - self.start).max(0.0)
+    }
+
+    /// The body's life split by what it waited on. Waits are clamped to the active time.
+    pub fn split(&self) -> Split {
+        let active = self.active();
+        let client = self.client_wait.min(active);
+        let registry = self.registry_wait.min(active - client);
+        Split { client, registry, moving: active - client - registry }
+    }
+}
+
+/// One request of a transfer, offsets in seconds from the transfer's start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestView {
+    pub id: u64,
+    pub method: String,
+    pub operation: Operation,
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
+    /// Request head received.
+    pub start: f64,
+    /// Request handed upstream.
+    pub forwarded: Option<f64>,
+    /// Upstream response head.
+    pub response_head: Option<f64>,
+    /// Everything over.
+    pub end: f64,
+    pub upload: Option<BodyView>,
+    pub download: Option<BodyView>,
+    pub aborted_by: Option<Side>,
+}
+
+impl RequestView {
+    pub fn new(r: &ExchangeRecord, base: Instant) -> RequestView {
+        let at = |t: Instant| t.saturating_duration_since(base).as_secs_f64();
+        let upload_id = r.upload_id.as_deref().or(r.response_info.upload_uuid.as_deref());
+        RequestView {
+            id: r.id,
+            method: r.method.to_string(),
+            operation: r.operation,
+            status: r.status,
+            digest: r.digest.as_deref().or(r.response_info.content_digest.as_deref()).map(str::to_owned),
+            reference: r.reference.as_deref().map(str::to_owned),
+            upload_id: upload_id.map(str::to_owned),
+            start: at(r.received),
+            forwarded: r.forwarded.map(at),
+            response_head: r.response_head.map(at),
+            end: at(r.ended),
+            upload: r.upload.as_ref().filter(|b| b.bytes > 0 || b.first_poll.is_some()).map(|b| BodyView::new(b, base)),
+            download: r.download.as_ref().filter(|b| b.bytes > 0).map(|b| BodyView::new(b, base)),
+            aborted_by: r.aborted_by(),
+        }
+    }
+
+    pub fn duration(&self) -> f64 {
+        (self.end - self.start).max(0.0)
+    }
+
+    pub fn bytes_in(&self) -> u64 {
+        self.upload.as_ref().map_or(0, |b| b.bytes)
+    }
+
+    pub fn bytes_out(&self) -> u64 {
+        self.download.as_ref().map_or(0, |b| b.bytes)
+    }
+
+    pub fn succeeded(&self) -> bool {
+        self.aborted_by.is_none() && self.status.is_some_and(|s| (200..400).contains(&s))
+    }
+
+    /// Time between the request being fully sent upstream and the response head.
+    pub fn registry_processing(&self) -> f64 {
+        let Some(head) = self.response_head else { return 0.0 };
+        let sent = match (&self.upload, self.forwarded) {
+            (Some(u), _) if u.end <= head => u.end,
+            (_, Some(f)) => f,
+            _ => self.start,
+        };
+        (head - sent).max(0.0)
+    }
+
+    /// This request's time split by party (its own view, ignoring overlap with others).
+    pub fn split(&self) -> Split {
+        let mut split = Split::default();
+        for segment in self.segments() {
+            let len = segment.to - segment.from;
+            split.client += segment.mix.client * len;
+            split.registry += segment.mix.registry * len;
+            split.moving += segment.mix.moving * len;
+        }
+        split
+    }
+
+    /// The request cut into segments of known state (see the module docs).
+    pub fn segments(&self) -> Vec<Segment> {
+        let mut out = Vec::with_capacity(6);
+        let mut push = |from: f64, to: f64, mix: Split| {
+            if to > from {
+                out.push(Segment { from, to, mix });
+            }
+        };
+        let registry = Split { registry: 1.0, ..Split::default() };
+        let moving = Split { moving: 1.0, ..Split::default() };
+        let forwarded = self.forwarded.unwrap_or(self.start);
+        let head = self.response_head.unwrap_or(self.end);
+        push(self.start, forwarded, moving);
+        match &self.upload {
+            Some(up) => {
+                push(forwarded, up.start.min(head), registry);
+                push(up.start, up.end, fractions(up));
+                push(up.end, head, registry);
+            }
+            None => push(forwarded, head, registry),
+        }
+        match &self.download {
+            Some(down) => {
+                push(head, down.start, moving);
+                push(down.start, down.end, fractions(down));
+                push(down.end, self.end, moving);
+            }
+            None => push(head, self.end, moving),
+        }
+        out
+    }
+}
+
+fn fractions(body: &BodyView) -> Split {
+    let active = body.active();
+    if active <= 0.0 {
+        return Split { moving: 1.0, ..Split::default() };
+    }
+    let s = body.split();
+    Split { client: s.client / active, registry: s.registry / active, moving: s.moving / active }
+}
+
+/// A stretch of one request with a known mix of states (fractions adding to one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Segment {
+    pub from: f64,
+    pub to: f64,
+    pub mix: Split,
+}
+
+/// Attributes every instant of `[0, wall]` to the client, the registry or bytes moving, by the
+/// rule in the module docs. The result's total equals `wall`.
+pub fn attribute(requests: &[RequestView], wall: f64) -> Split {
+    let segments: Vec<Segment> = requests
+        .iter()
+        .flat_map(|r| r.segments())
+        .map(|s| Segment { from: s.from.max(0.0), to: s.to.min(wall), mix: s.mix })
+        .filter(|s| s.to > s.from)
+        .collect();
+    let mut cuts: Vec<f64> = segments.iter().flat_map(|s| [s.from, s.to]).chain([0.0, wall]).collect();
+    cuts.sort_by(f64::total_cmp);
+    cuts.dedup();
+
+    let mut shares = Split::default();
+    for window in cuts.windows(2) {
+        let (a, b) = (window[0], window[1]);
+        let len = b - a;
+        let mut none_moving = 1.0;
+        let mut all_client = 1.0;
+        let mut any = false;
+        for s in segments.iter().filter(|s| s.from <= a && s.to >= b) {
+            any = true;
+            none_moving *= 1.0 - s.mix.moving;
+            all_client *= s.mix.client;
+        }
+        if !any {
+            shares.client += len;
+            continue;
+        }
+        shares.moving += (1.0 - none_moving) * len;
+        shares.registry += (none_moving - all_client).max(0.0) * len;
+        shares.client += all_client * len;
+    }
+    shares
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(start: f64, forwarded: f64, head: f64, end: f64) -> RequestView {
+        RequestView {
+            id: 1,
+            method: "GET".into(),
+            operation: Operation::BlobGet,
+            status: Some(200),
+            digest: None,
+            reference: None,
+            upload_id: None,
+            start,
+            forwarded: Some(forwarded),
+            response_head: Some(head),
+            end,
+            upload: None,
+            download: None,
+            aborted_by: None,
+        }
+    }
+
+    fn body(start: f64, end: f64, client_wait: f64, registry_wait: f64) -> BodyView {
+        BodyView { bytes: 1, start, end, client_wait, registry_wait, outcome: BodyEnd::Complete }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn gaps_are_the_client_and_waiting_for_a_head_is_the_registry() {
+        // Two requests with a 3 s gap between them; each waits 1 s on the registry.
+        let requests = [request(0.0, 0.0, 1.0, 1.0), request(4.0, 4.0, 5.0, 5.0)];
+        let s = attribute(&requests, 5.0);
+        assert!(close(s.client, 3.0) && close(s.registry, 2.0) && close(s.moving, 0.0), "{s:?}");
+    }
+
+    #[test]
+    fn a_body_spreads_its_mix_over_its_life() {
+        let mut r = request(0.0, 0.0, 0.0, 10.0);
+        r.download = Some(body(0.0, 10.0, 2.0, 5.0)); // download: client = sink, registry = source
+        let s = attribute(&[r.clone()], 10.0);
+        assert!(close(s.client, 2.0) && close(s.registry, 5.0) && close(s.moving, 3.0), "{s:?}");
+        assert!(close(r.split().total(), 10.0));
+    }
+
+    #[test]
+    fn overlap_moving_wins_then_registry_then_client() {
+        // Two fully overlapping uploads, each half client-wait, half moving.
+        let mut a = request(0.0, 0.0, 4.0, 4.0);
+        a.upload = Some(body(0.0, 4.0, 2.0, 0.0));
+        let b = a.clone();
+        let s = attribute(&[a, b], 4.0);
+        // P(client) = 0.25, P(moving) = 0.75.
+        assert!(close(s.client, 1.0) && close(s.moving, 3.0) && close(s.registry, 0.0), "{s:?}");
+
+        // A request waiting on the registry overlapping a client-stalled upload: registry.
+        let mut up = request(0.0, 0.0, 4.0, 4.0);
+        up.upload = Some(body(0.0, 4.0, 4.0, 0.0));
+        let waiting = request(0.0, 0.0, 4.0, 4.0);
+        let s = attribute(&[up, waiting], 4.0);
+        assert!(close(s.registry, 4.0), "{s:?}");
+    }
+
+    #[test]
+    fn shares_always_add_up_to_the_wall() {
+        let mut rs = Vec::new();
+        for i in 0..20 {
+            let t = i as f64 * 0.7;
+            let mut r = request(t, t + 0.01, t + 1.3, t + 2.9);
+            r.upload = Some(body(t + 0.02, t + 1.2, 0.3, 0.2));
+            r.download = Some(body(t + 1.4, t + 2.8, 0.5, 0.4));
+            rs.push(r);
+        }
+        let wall = 20.0;
+        let s = attribute(&rs, wall);
+        assert!(close(s.total(), wall), "{s:?}");
+        assert!(s.client >= 0.0 && s.registry >= 0.0 && s.moving >= 0.0);
+    }
+
+    #[test]
+    fn registry_processing_starts_when_the_body_is_sent() {
+        let mut r = request(0.0, 0.1, 5.0, 5.0);
+        r.upload = Some(body(0.1, 3.0, 1.0, 0.0));
+        assert!(close(r.registry_processing(), 2.0));
+    }
+}

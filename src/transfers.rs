@@ -1,0 +1,657 @@
+//! Whole pushes and pulls: grouping requests into transfers, deciding when one is over,
+//! and keeping a bounded ring of finished ones.
+//!
+//! Requests are grouped per (client address, repository, direction). A push ends with its
+//! manifest `PUT` by tag (v1: the repository images `PUT`); a pull is anchored on the
+//! manifests it fetched (v1: the ancestry) and ends when every blob they name has been
+//! fetched. Anything else ends after `idle_timeout` with no request in flight, as
+//! `incomplete` (or `failed` if a request was cut off). v1 image requests carry no
+//! repository, so they join the v1 session their client opened last.
+//!
+//! Memory is bounded whatever clients do: open sessions, requests per session, and finished
+//! transfers are all capped.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::exchange::{Exchange, ExchangeRecord, ExchangeSink};
+use crate::manifest::{parse_ancestry, parse_manifest, BlobKind, BlobRef};
+use crate::metrics::Metrics;
+use crate::phases::{upload_outcome, upload_phases, Phase, UploadOutcome, UploadPhases};
+use crate::route::{Api, Operation};
+use crate::timeline::{attribute, RequestView, Split};
+
+/// Push or pull. A metric label: closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferDirection {
+    Push,
+    Pull,
+}
+
+impl TransferDirection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferDirection::Push => "push",
+            TransferDirection::Pull => "pull",
+        }
+    }
+}
+
+/// How a transfer ended. A metric label: closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Complete,
+    Incomplete,
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::Incomplete => "incomplete",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// How one blob (v1: one image) of a transfer fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlobOutcome {
+    Committed,
+    Mounted,
+    Cancelled,
+    Failed,
+    Abandoned,
+    Fetched,
+}
+
+impl From<UploadOutcome> for BlobOutcome {
+    fn from(o: UploadOutcome) -> Self {
+        match o {
+            UploadOutcome::Committed => BlobOutcome::Committed,
+            UploadOutcome::Mounted => BlobOutcome::Mounted,
+            UploadOutcome::Cancelled => BlobOutcome::Cancelled,
+            UploadOutcome::Failed => BlobOutcome::Failed,
+            UploadOutcome::Abandoned => BlobOutcome::Abandoned,
+        }
+    }
+}
+
+/// One blob of a transfer (v1: one image, its json and layer).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Blob {
+    /// The blob digest (v2) or image id (v1), when known.
+    pub digest: Option<String>,
+    pub kind: Option<BlobKind>,
+    /// Bytes that crossed the proxy for it.
+    pub bytes: u64,
+    /// The size the manifest declares, when one was seen.
+    pub declared_size: Option<u64>,
+    pub outcome: BlobOutcome,
+    /// First request in, last response out, as offsets from the transfer's start.
+    pub start: f64,
+    pub end: f64,
+    /// Push: the upload's phases. Pull: `None`.
+    pub phases: Option<UploadPhases>,
+    /// Pull: the v1 image json fetch before the layer, in seconds.
+    pub metadata_seconds: f64,
+    /// Push: the transfer phase's split. Pull: the fetch's split.
+    pub split: Split,
+}
+
+/// A finished push or pull.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Transfer {
+    pub id: u64,
+    pub direction: TransferDirection,
+    pub outcome: Outcome,
+    pub api: Api,
+    pub repository: String,
+    pub tag: Option<String>,
+    pub client: String,
+    /// Wall-clock start, milliseconds since the Unix epoch.
+    pub started_unix_ms: u64,
+    pub wall_seconds: f64,
+    /// Every instant of the wall time attributed to exactly one party (see `timeline`).
+    pub parties: Split,
+    /// Body bytes in the transfer's direction.
+    pub bytes: u64,
+    pub blobs: Vec<Blob>,
+    pub requests: Vec<RequestView>,
+    /// Requests beyond the per-transfer cap: counted, not kept.
+    pub requests_dropped: u64,
+}
+
+/// Limits and timeouts of the tracker.
+#[derive(Debug, Clone, Copy)]
+pub struct TrackerConfig {
+    pub idle_timeout: Duration,
+    pub keep_finished: usize,
+    pub max_open: usize,
+    pub max_requests: usize,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            idle_timeout: Duration::from_secs(120),
+            keep_finished: 1000,
+            max_open: 4096,
+            max_requests: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    client: IpAddr,
+    repository: Box<str>,
+    direction: TransferDirection,
+}
+
+/// A transfer in progress.
+struct Session {
+    api: Api,
+    started_wall: SystemTime,
+    /// First request received: the origin of all offsets.
+    base: Instant,
+    last_activity: Instant,
+    /// Requests on the wire now, for idleness and live views.
+    in_flight: HashMap<u64, Weak<Exchange>>,
+    records: Vec<ExchangeRecord>,
+    dropped: u64,
+    tag: Option<String>,
+    /// Blobs the parsed manifests name (pull), or the pushed manifest names (push).
+    expected: Vec<BlobRef>,
+    /// Image manifests parsed (pull): completion needs at least one.
+    manifests_seen: usize,
+    /// v1 pull: image ids from the ancestry.
+    expected_images: Vec<String>,
+    fetched: HashSet<String>,
+    /// A request failed in a way that dooms the transfer if nothing else happens.
+    failed: bool,
+    outcome: Option<Outcome>,
+}
+
+impl Session {
+    fn new(api: Api, now: Instant) -> Session {
+        Session {
+            api,
+            started_wall: SystemTime::now(),
+            base: now,
+            last_activity: now,
+            in_flight: HashMap::new(),
+            records: Vec::new(),
+            dropped: 0,
+            tag: None,
+            expected: Vec::new(),
+            manifests_seen: 0,
+            expected_images: Vec::new(),
+            fetched: HashSet::new(),
+            failed: false,
+            outcome: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    open: HashMap<Key, Session>,
+    /// The v1 repository (and direction) each client is working on.
+    v1_current: HashMap<IpAddr, (Box<str>, TransferDirection)>,
+    /// The session key of each in-flight exchange, decided when it started.
+    in_flight_keys: HashMap<u64, Key>,
+    finished: VecDeque<Arc<Transfer>>,
+    next_id: u64,
+}
+
+/// Groups exchanges into transfers. See the module docs.
+pub struct Tracker {
+    state: Mutex<State>,
+    config: TrackerConfig,
+    metrics: Arc<Metrics>,
+}
+
+/// Which way an operation moves an image, if it is part of one at all.
+fn direction_of(op: Operation) -> Option<TransferDirection> {
+    use Operation::*;
+    use TransferDirection::*;
+    match op {
+        UploadStart | UploadStartMonolithic | BlobMount | UploadChunk | UploadFinish | UploadStatus
+        | UploadCancel | BlobHead | ManifestPut | V1RepositoryPut | V1ImageJsonPut | V1LayerPut
+        | V1ChecksumPut | V1TagPut | V1RepositoryImagesPut => Some(Push),
+        ManifestGet | ManifestHead | BlobGet | V1RepositoryImagesGet | V1TagsGet | V1AncestryGet
+        | V1LayerGet => Some(Pull),
+        _ => None,
+    }
+}
+
+fn is_v1_image_op(op: Operation) -> bool {
+    use Operation::*;
+    matches!(op, V1ImageJsonGet | V1ImageJsonPut | V1LayerGet | V1LayerPut | V1ChecksumPut | V1AncestryGet)
+}
+
+impl Tracker {
+    pub fn new(config: TrackerConfig, metrics: Arc<Metrics>) -> Self {
+        Tracker { state: Mutex::new(State::default()), config, metrics }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Finished transfers, newest first.
+    pub fn recent(&self, limit: usize) -> Vec<Arc<Transfer>> {
+        self.lock().finished.iter().rev().take(limit).cloned().collect()
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Transfer>> {
+        self.lock().finished.iter().find(|t| t.id == id).cloned()
+    }
+
+    /// Closes sessions idle for longer than the idle timeout. Called periodically.
+    pub fn sweep(&self, now: Instant) {
+        let idle = self.config.idle_timeout;
+        let expired: Vec<(Key, Session)> = {
+            let mut state = self.lock();
+            let keys: Vec<Key> = state
+                .open
+                .iter()
+                .filter(|(_, s)| s.in_flight.is_empty() && now.saturating_duration_since(s.last_activity) >= idle)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter().filter_map(|k| state.open.remove(&k).map(|s| (k, s))).collect()
+        };
+        for (key, session) in expired {
+            self.finish(key, session, true);
+        }
+    }
+
+    /// Decides which session a request belongs to (and, for v1, which repository).
+    fn key_for(state: &mut State, r: &ExchangeRecord) -> Option<Key> {
+        let client = r.client.ip();
+        let op = r.operation;
+        if matches!(op, Operation::V1RepositoryPut | Operation::V1RepositoryImagesGet) {
+            let direction = direction_of(op)?;
+            let repo: Box<str> = r.repository.clone()?;
+            if state.v1_current.len() >= 4096 {
+                state.v1_current.clear();
+            }
+            state.v1_current.insert(client, (repo, direction));
+        }
+        if is_v1_image_op(op) {
+            let (repo, current) = state.v1_current.get(&client)?;
+            // An image json GET is an existence check in a push, a fetch in a pull.
+            let direction = if op == Operation::V1ImageJsonGet { *current } else { direction_of(op)? };
+            return Some(Key { client, repository: repo.clone(), direction });
+        }
+        let direction = direction_of(op)?;
+        let repository = r.repository.clone()?;
+        Some(Key { client, repository, direction })
+    }
+
+    fn session<'a>(&self, state: &'a mut State, key: &Key, api: Api, now: Instant) -> (&'a mut Session, Option<(Key, Session)>) {
+        let mut evicted = None;
+        if !state.open.contains_key(key) && state.open.len() >= self.config.max_open {
+            // Full: close the longest-idle session to make room.
+            if let Some(oldest) = state
+                .open
+                .iter()
+                .filter(|(_, s)| s.in_flight.is_empty())
+                .min_by_key(|(_, s)| s.last_activity)
+                .map(|(k, _)| k.clone())
+            {
+                evicted = state.open.remove(&oldest).map(|s| (oldest, s));
+            }
+        }
+        let session = state.open.entry(key.clone()).or_insert_with(|| Session::new(api, now));
+        (session, evicted)
+    }
+
+    /// Turns a closed session into a finished transfer: metrics, log, ring.
+    fn finish(&self, key: Key, session: Session, idle_closed: bool) {
+        let transfer = build_transfer(&key, session, idle_closed);
+        let m = &self.metrics;
+        let dir = transfer.direction.as_str();
+        m.image_transfer.with_label_values(&[dir, transfer.outcome.as_str()]).observe(transfer.wall_seconds);
+        for (party, seconds) in [
+            ("client", transfer.parties.client),
+            ("registry", transfer.parties.registry),
+            ("transfer", transfer.parties.moving),
+        ] {
+            m.image_time_total.with_label_values(&[dir, party]).inc_by(seconds.max(0.0));
+        }
+        for blob in &transfer.blobs {
+            if let (Some(phases), BlobOutcome::Committed) = (&blob.phases, blob.outcome) {
+                for phase in Phase::ALL {
+                    m.upload_phase.with_label_values(&[transfer.api.as_str(), phase.as_str()]).observe(phases.get(phase));
+                }
+            }
+        }
+        let pct = |x: f64| if transfer.wall_seconds > 0.0 { 100.0 * x / transfer.wall_seconds } else { 0.0 };
+        tracing::info!(
+            target: "regscope::transfer",
+            direction = dir,
+            outcome = transfer.outcome.as_str(),
+            repository = transfer.repository,
+            tag = transfer.tag.as_deref(),
+            client = transfer.client,
+            wall_s = transfer.wall_seconds,
+            client_pct = pct(transfer.parties.client),
+            registry_pct = pct(transfer.parties.registry),
+            transfer_pct = pct(transfer.parties.moving),
+            blobs = transfer.blobs.len(),
+            bytes = transfer.bytes,
+            "transfer"
+        );
+        let mut state = self.lock();
+        state.next_id += 1;
+        let mut transfer = transfer;
+        transfer.id = state.next_id;
+        if state.finished.len() >= self.config.keep_finished {
+            state.finished.pop_front();
+        }
+        state.finished.push_back(Arc::new(transfer));
+    }
+}
+
+impl ExchangeSink for Tracker {
+    fn started(&self, exchange: &Arc<Exchange>) {
+        let r = exchange.info();
+        let now = Instant::now();
+        let evicted = {
+            let mut state = self.lock();
+            let Some(key) = Self::key_for(&mut state, r) else { return };
+            let (session, evicted) = self.session(&mut state, &key, r.api, now);
+            session.in_flight.insert(r.id, Arc::downgrade(exchange));
+            session.last_activity = now;
+            state.in_flight_keys.insert(r.id, key);
+            evicted
+        };
+        if let Some((key, session)) = evicted {
+            self.finish(key, session, true);
+        }
+    }
+
+    fn finished(&self, record: ExchangeRecord) {
+        // Parse captured bodies before taking the lock.
+        let parsed_manifest = match record.operation {
+            Operation::ManifestGet | Operation::ManifestPut => record.captured.as_deref().and_then(parse_manifest),
+            _ => None,
+        };
+        let ancestry = match record.operation {
+            Operation::V1AncestryGet => record.captured.as_deref().and_then(parse_ancestry),
+            _ => None,
+        };
+        let now = Instant::now();
+        let evicted;
+        let done = {
+            let mut state = self.lock();
+            let key = match state.in_flight_keys.remove(&record.id) {
+                Some(key) => key,
+                None => match Self::key_for(&mut state, &record) {
+                    Some(key) => key,
+                    None => return,
+                },
+            };
+            let (session, ev) = self.session(&mut state, &key, record.api, now);
+            evicted = ev;
+            session.in_flight.remove(&record.id);
+            session.last_activity = now;
+            session.base = session.base.min(record.received);
+            update(session, &record, parsed_manifest, ancestry);
+            if session.records.len() < self.config.max_requests {
+                let mut record = record;
+                record.captured = None;
+                session.records.push(record);
+            } else {
+                session.dropped += 1;
+            }
+            match session.outcome {
+                Some(_) if session.in_flight.is_empty() => state.open.remove(&key).map(|s| (key, s)),
+                _ => None,
+            }
+        };
+        if let Some((key, session)) = evicted {
+            self.finish(key, session, true);
+        }
+        if let Some((key, session)) = done {
+            self.finish(key, session, false);
+        }
+    }
+}
+
+/// Applies one finished request to its session: what it tells about the transfer's end.
+fn update(s: &mut Session, r: &ExchangeRecord, manifest: Option<crate::manifest::ManifestRefs>, ancestry: Option<Vec<String>>) {
+    use Operation::*;
+    let ok = r.status.is_some_and(|c| (200..400).contains(&c)) && r.aborted_by().is_none();
+    let by_tag = r.reference.as_deref().filter(|reference| !reference.contains(':'));
+    match r.operation {
+        ManifestPut => {
+            if let Some(refs) = manifest {
+                s.expected.extend(refs.blobs);
+            }
+            if ok {
+                if let Some(tag) = by_tag {
+                    s.tag = Some(tag.to_owned());
+                    s.outcome = Some(Outcome::Complete);
+                }
+            } else {
+                s.outcome = Some(Outcome::Failed);
+            }
+        }
+        V1TagPut if ok => s.tag = r.reference.as_deref().map(str::to_owned),
+        V1RepositoryImagesPut => s.outcome = Some(if ok { Outcome::Complete } else { Outcome::Failed }),
+        ManifestGet | ManifestHead => {
+            if let Some(tag) = by_tag {
+                s.tag = Some(tag.to_owned());
+            }
+            if let Some(refs) = manifest {
+                if !refs.blobs.is_empty() {
+                    s.manifests_seen += 1;
+                    s.expected.extend(refs.blobs);
+                }
+            }
+            // A missing tag or manifest ends a pull that has nothing else going on. A failed
+            // HEAD is only a probe: clients follow it with a GET, which decides.
+            if !ok && s.manifests_seen == 0 {
+                s.failed = true;
+                if r.operation == ManifestGet {
+                    s.outcome = Some(Outcome::Failed);
+                }
+            }
+        }
+        BlobGet if ok => {
+            if let Some(digest) = &r.digest {
+                s.fetched.insert(digest.to_string());
+            }
+        }
+        V1AncestryGet => {
+            if let Some(ids) = ancestry {
+                s.expected_images = ids;
+            }
+        }
+        V1LayerGet if ok => {
+            if let Some(id) = &r.reference {
+                s.fetched.insert(id.to_string());
+            }
+        }
+        _ => {}
+    }
+    let all_fetched = |wanted: &mut dyn Iterator<Item = &String>| {
+        let mut any = false;
+        for w in wanted {
+            any = true;
+            if !s.fetched.contains(w) {
+                return false;
+            }
+        }
+        any
+    };
+    if s.outcome.is_none() {
+        let v2_done = s.manifests_seen > 0 && all_fetched(&mut s.expected.iter().map(|b| &b.digest));
+        let v1_done = all_fetched(&mut s.expected_images.iter());
+        if v2_done || v1_done {
+            s.outcome = Some(Outcome::Complete);
+        }
+    }
+}
+
+/// Builds the finished transfer from a closed session.
+fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transfer {
+    let mut requests: Vec<RequestView> = s.records.iter().map(|r| RequestView::new(r, s.base)).collect();
+    requests.sort_by(|a, b| a.start.total_cmp(&b.start));
+    let wall = requests.iter().map(|r| r.end).fold(0.0, f64::max);
+    let parties = attribute(&requests, wall);
+    let outcome = s.outcome.unwrap_or(if s.failed || requests.iter().any(|r| r.aborted_by.is_some()) {
+        Outcome::Failed
+    } else {
+        Outcome::Incomplete
+    });
+    let blobs = match key.direction {
+        TransferDirection::Push => push_blobs(&requests, &s.expected, idle_closed),
+        TransferDirection::Pull => pull_blobs(&requests, &s.expected),
+    };
+    let bytes = requests
+        .iter()
+        .map(|r| match key.direction {
+            TransferDirection::Push => r.bytes_in(),
+            TransferDirection::Pull => r.bytes_out(),
+        })
+        .sum();
+    Transfer {
+        id: 0,
+        direction: key.direction,
+        outcome,
+        api: s.api,
+        repository: key.repository.to_string(),
+        tag: s.tag,
+        client: key.client.to_string(),
+        started_unix_ms: s.started_wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        wall_seconds: wall,
+        parties,
+        bytes,
+        blobs,
+        requests,
+        requests_dropped: s.dropped,
+    }
+}
+
+fn kind_and_size(expected: &[BlobRef], digest: Option<&str>) -> (Option<BlobKind>, Option<u64>) {
+    digest
+        .and_then(|d| expected.iter().find(|b| b.digest == d))
+        .map_or((None, None), |b| (Some(b.kind), b.size))
+}
+
+/// Push: one blob per upload (v2: by upload id; v1: by image id), in order of first request.
+fn push_blobs(requests: &[RequestView], expected: &[BlobRef], idle_closed: bool) -> Vec<Blob> {
+    let mut groups: Vec<(String, Vec<&RequestView>)> = Vec::new();
+    for r in requests.iter().filter(|r| crate::phases::is_upload_request(r.operation)) {
+        let group = match r.operation {
+            Operation::V1ImageJsonPut | Operation::V1LayerPut | Operation::V1ChecksumPut => r.reference.clone(),
+            // A mount that succeeded has no upload id: the digest names it.
+            _ => r.upload_id.clone().or_else(|| r.digest.clone()),
+        };
+        let Some(group) = group else { continue };
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, members)) => members.push(r),
+            None => groups.push((group, vec![r])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(group, members)| {
+            let phases = upload_phases(&members);
+            let v1 = members.iter().any(|r| r.operation.api() == Api::V1);
+            let digest = if v1 {
+                Some(group)
+            } else {
+                members
+                    .iter()
+                    .filter(|r| matches!(r.operation, Operation::UploadFinish | Operation::BlobMount))
+                    .find_map(|r| r.digest.clone())
+            };
+            let (kind, declared_size) = kind_and_size(expected, digest.as_deref());
+            Blob {
+                kind,
+                declared_size,
+                bytes: phases.bytes,
+                outcome: upload_outcome(&members, idle_closed).into(),
+                start: members.iter().map(|r| r.start).fold(f64::INFINITY, f64::min),
+                end: members.iter().map(|r| r.end).fold(0.0, f64::max),
+                split: phases.transfer_split,
+                phases: Some(phases),
+                metadata_seconds: 0.0,
+                digest,
+            }
+        })
+        .collect()
+}
+
+/// Pull: one blob per fetched digest (v1: per image, json then layer).
+fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<Blob> {
+    let mut blobs: Vec<Blob> = Vec::new();
+    for r in requests {
+        let (id, is_metadata) = match r.operation {
+            Operation::BlobGet => (r.digest.clone(), false),
+            Operation::V1LayerGet => (r.reference.clone(), false),
+            Operation::V1ImageJsonGet => (r.reference.clone(), true),
+            _ => continue,
+        };
+        let Some(id) = id else { continue };
+        let index = match blobs.iter().position(|b| b.digest.as_deref() == Some(id.as_str())) {
+            Some(i) => i,
+            None => {
+                let (kind, declared_size) = kind_and_size(expected, Some(&id));
+                blobs.push(Blob {
+                    digest: Some(id),
+                    kind,
+                    bytes: 0,
+                    declared_size,
+                    outcome: BlobOutcome::Failed,
+                    start: r.start,
+                    end: r.end,
+                    phases: None,
+                    metadata_seconds: 0.0,
+                    split: Split::default(),
+                });
+                blobs.len() - 1
+            }
+        };
+        let blob = &mut blobs[index];
+        blob.end = blob.end.max(r.end);
+        if is_metadata {
+            blob.metadata_seconds += r.duration();
+            continue;
+        }
+        blob.bytes += r.bytes_out();
+        blob.split.add(r.split());
+        if r.succeeded() {
+            blob.outcome = BlobOutcome::Fetched;
+        }
+    }
+    blobs
+}
+
+/// Periodically closes idle sessions, until the tracker is dropped.
+pub fn spawn_sweeper(tracker: &Arc<Tracker>) {
+    let weak = Arc::downgrade(tracker);
+    let period = (tracker.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let Some(tracker) = weak.upgrade() else { return };
+            tracker.sweep(Instant::now());
+        }
+    });
+}
