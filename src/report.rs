@@ -92,8 +92,36 @@ pub fn rows(t: &Transfer) -> Vec<Row> {
         let row = Row { operation: format!("{label} {reference}").trim_end().to_owned(), seconds: r.duration(), split: None };
         out.push((r.start, 0, row));
     }
+    // The silent gaps between uploads, when nothing of the transfer was on the wire: the
+    // client working. Gaps inside one upload are already its `gap` row.
+    let spans: Vec<(f64, f64)> = t.blobs.iter().filter(|b| b.phases.is_some()).map(|b| (b.start, b.end)).collect();
+    let threshold = (t.wall_seconds * 0.005).max(0.010);
+    for (from, to) in idle_intervals(t) {
+        let inside_upload = spans.iter().any(|&(a, b)| a <= from && to <= b);
+        if to - from >= threshold && !inside_upload {
+            out.push((from, 0, Row { operation: "idle (client working)".to_owned(), seconds: to - from, split: None }));
+        }
+    }
     out.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     out.into_iter().map(|(_, _, row)| row).collect()
+}
+
+/// Intervals of the transfer's wall time with no request on the wire.
+pub fn idle_intervals(t: &Transfer) -> Vec<(f64, f64)> {
+    let mut spans: Vec<(f64, f64)> = t.requests.iter().map(|r| (r.start, r.end)).collect();
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut idle = Vec::new();
+    let mut covered = 0.0_f64;
+    for (start, end) in spans {
+        if start > covered {
+            idle.push((covered, start));
+        }
+        covered = covered.max(end);
+    }
+    if t.wall_seconds > covered {
+        idle.push((covered, t.wall_seconds));
+    }
+    idle
 }
 
 /// The one-line verdict: where this transfer's time went.

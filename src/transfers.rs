@@ -280,9 +280,14 @@ impl Tracker {
     fn key_for(state: &mut State, r: &ExchangeRecord) -> Option<Key> {
         let client = r.client.ip();
         let op = r.operation;
+        // v1 names `library/x` and `x` the same repository (the seed's pull uses both).
+        let repository = r.repository.as_deref().map(|name| match r.api {
+            Api::V1 => Box::from(name.strip_prefix("library/").unwrap_or(name)),
+            _ => Box::from(name),
+        });
         if matches!(op, Operation::V1RepositoryPut | Operation::V1RepositoryImagesGet) {
             let direction = direction_of(op)?;
-            let repo: Box<str> = r.repository.clone()?;
+            let repo: Box<str> = repository.clone()?;
             if state.v1_current.len() >= 4096 {
                 state.v1_current.clear();
             }
@@ -295,8 +300,7 @@ impl Tracker {
             return Some(Key { client, repository: repo.clone(), direction });
         }
         let direction = direction_of(op)?;
-        let repository = r.repository.clone()?;
-        Some(Key { client, repository, direction })
+        Some(Key { client, repository: repository?, direction })
     }
 
     fn session<'a>(&self, state: &'a mut State, key: &Key, api: Api, now: Instant) -> (&'a mut Session, Option<(Key, Session)>) {
