@@ -107,8 +107,11 @@ pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> (Upstre
                 _ => None,
             });
         }
-        if e.downcast_ref::<rustls::Error>().is_some() {
-            kind = kind.or(Some(UpstreamErrorKind::Tls));
+        // rustls errors arrive wrapped in an io::Error, whose `source()` skips the wrapped
+        // error itself: look inside explicitly.
+        let wrapped = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        if e.downcast_ref::<rustls::Error>().is_some() || wrapped.is_some_and(|w| w.is::<rustls::Error>()) {
+            kind = Some(UpstreamErrorKind::Tls);
         }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {

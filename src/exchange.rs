@@ -232,7 +232,18 @@ impl BodyRecorder for Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        let mut record = self.record.clone();
+        // Move the start-time facts out (the exchange is going away) instead of cloning them.
+        let start = &mut self.record;
+        let mut record = ExchangeRecord {
+            method: std::mem::replace(&mut start.method, Method::GET),
+            repository: start.repository.take(),
+            reference: start.reference.take(),
+            digest: start.digest.take(),
+            upload_id: start.upload_id.take(),
+            response_info: ResponseInfo::default(),
+            captured: None,
+            ..*start
+        };
         record.forwarded = self.forwarded.get().copied();
         record.response_head = self.response_head.get().copied();
         record.status = match self.status.load(Ordering::Relaxed) {

@@ -77,19 +77,20 @@ pub fn forward_request_headers(
     let client_host = client.host.and_then(|h| HeaderValue::from_str(h).ok());
     match mode {
         HostMode::Preserve => {
-            if let Some(host) = client_host {
-                headers.insert(header::HOST, host);
+            if let Some(host) = &client_host {
+                headers.insert(header::HOST, host.clone());
             }
-            headers.remove("x-forwarded-host");
         }
         HostMode::Upstream => {
             headers.insert(header::HOST, upstream_authority.clone());
-            match client_host {
-                Some(host) => headers.insert(HeaderName::from_static("x-forwarded-host"), host),
-                None => headers.remove("x-forwarded-host"),
-            };
         }
     }
+    // Sent in both modes: over h2 the registry sees `:authority` (the upstream) whatever
+    // `Host` says, and distribution builds `Location` from X-Forwarded-Host when present.
+    match client_host {
+        Some(host) => headers.insert(HeaderName::from_static("x-forwarded-host"), host),
+        None => headers.remove("x-forwarded-host"),
+    };
     // `Forwarded` takes precedence over X-Forwarded-* in distribution: a client-supplied one
     // could point Location URLs anywhere, so it never passes.
     headers.remove(header::FORWARDED);
@@ -187,7 +188,9 @@ pub fn rewrite_location(location: &str, upstream: &Origin<'_>, client: &Origin<'
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
     let target = Origin { scheme, authority };
-    if !target.same_as(upstream) || target.same_as(client) {
+    // Host and port decide, not the scheme: a registry behind TLS may still build `http://`
+    // URLs for itself (from X-Forwarded-Proto), and they point at it all the same.
+    if target.host_port() != upstream.host_port() || target.same_as(client) {
         return None;
     }
     Some(format!("{}://{}{}", client.scheme, client.authority, tail))
@@ -268,7 +271,7 @@ mod tests {
         assert_eq!(h["host"], "proxy:5001");
         assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
-        assert!(h.get("x-forwarded-host").is_none());
+        assert_eq!(h["x-forwarded-host"], "proxy:5001");
         assert!(h.get("forwarded").is_none());
 
         let mut h = map(&base);
@@ -290,7 +293,8 @@ mod tests {
             ("/v2/a/blobs/uploads/u?_state=x", None),
             ("http://127.0.0.1:5001/v2/a/blobs/uploads/u", None),
             ("http://elsewhere:5000/v2/", None),
-            ("https://127.0.0.1:5000/v2/", None),
+            ("https://127.0.0.1:5000/v2/", Some("http://127.0.0.1:5001/v2/")),
+            ("http://127.0.0.1/v2/", None),
             ("HTTP://127.0.0.1:5000", Some("http://127.0.0.1:5001")),
             ("https://s3.example/bucket/blob?sig=1", None),
         ];
