@@ -104,7 +104,10 @@ impl Admin {
             ),
             Ok(Err(error)) => {
                 let (_, cause) = crate::error::classify_client_error(&error);
-                text(StatusCode::SERVICE_UNAVAILABLE, &format!("upstream {} unreachable: {cause}\n", self.upstream.display))
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("upstream {} unreachable: {cause}\n", self.upstream.display),
+                )
             }
             Err(_) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -127,8 +130,6 @@ fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }

@@ -127,7 +127,8 @@ pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> (Upstre
     if text.is_empty() {
         text = err.to_string();
     }
-    let kind = kind.unwrap_or(if err.is_connect() { UpstreamErrorKind::ConnectRefused } else { UpstreamErrorKind::Other });
+    let kind =
+        kind.unwrap_or(if err.is_connect() { UpstreamErrorKind::ConnectRefused } else { UpstreamErrorKind::Other });
     (kind, text)
 }
 

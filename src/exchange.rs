@@ -210,7 +210,6 @@ impl Exchange {
     pub fn upload_ended(&self) -> Option<Instant> {
         self.upload.get().map(|u| u.ended)
     }
-
 }
 
 impl BodyRecorder for Exchange {

@@ -70,10 +70,7 @@ pub fn forward_request_headers(
 ) {
     strip_hop_by_hop(headers);
     append_forwarded_for(headers, client.ip);
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(client.scheme),
-    );
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(client.scheme));
     let client_host = client.host.and_then(|h| HeaderValue::from_str(h).ok());
     match mode {
         HostMode::Preserve => {
@@ -118,11 +115,7 @@ fn format_ip(ip: std::net::IpAddr, buf: &mut [u8; 64]) -> &str {
 }
 
 /// Turns the registry's response headers into the headers sent to the client.
-pub fn forward_response_headers(
-    headers: &mut HeaderMap,
-    upstream: &Origin<'_>,
-    client_origin: Option<&Origin<'_>>,
-) {
+pub fn forward_response_headers(headers: &mut HeaderMap, upstream: &Origin<'_>, client_origin: Option<&Origin<'_>>) {
     strip_hop_by_hop(headers);
     if let Some(client_origin) = client_origin {
         if let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
@@ -263,7 +256,8 @@ mod tests {
     #[test]
     fn forwarding_headers_per_host_mode() {
         let upstream = HeaderValue::from_static("registry.internal:5000");
-        let client = ClientView { ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), scheme: "https", host: Some("proxy:5001") };
+        let client =
+            ClientView { ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), scheme: "https", host: Some("proxy:5001") };
         let base = [("x-forwarded-for", "192.0.2.1"), ("forwarded", "host=evil"), ("x-forwarded-host", "evil")];
 
         let mut h = map(&base);
@@ -330,7 +324,10 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("/v2/", "/v2/"),
             ("/v2/a/tags/list?n=10", "/v2/a/tags/list?n=10"),
-            ("/v2/a/blobs/uploads/u?_state=secret%3D&digest=sha256:1", "/v2/a/blobs/uploads/u?_state=REDACTED&digest=sha256:1"),
+            (
+                "/v2/a/blobs/uploads/u?_state=secret%3D&digest=sha256:1",
+                "/v2/a/blobs/uploads/u?_state=REDACTED&digest=sha256:1",
+            ),
             ("/token?service=x&access_token=abc", "/token?service=x&access_token=REDACTED"),
             ("/x?_state", "/x?_state"),
         ];

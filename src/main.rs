@@ -32,9 +32,7 @@ fn report(config: regscope::config::ReportConfig, runtime: &tokio::runtime::Runt
 
 fn serve(config: regscope::config::ServeConfig, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     init_logging(config.log_format);
-    runtime.block_on(async {
-        regscope::serve(config, shutdown_signal()).await.context("regscope serve")
-    })
+    runtime.block_on(async { regscope::serve(config, shutdown_signal()).await.context("regscope serve") })
 }
 
 fn init_logging(format: LogFormat) {

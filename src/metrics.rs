@@ -9,14 +9,13 @@ use std::sync::Mutex;
 
 use http::Method;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Durations from 1 ms to 1 h.
 pub const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0, 600.0, 1800.0, 3600.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0, 3600.0,
 ];
 
 /// Sizes from 1 KiB to 64 GiB, by powers of four.
@@ -201,11 +200,7 @@ impl Metrics {
                 THROUGHPUT_BUCKETS,
                 &["api", "operation", "direction"],
             ),
-            in_flight: gauge(
-                "regscope_in_flight_requests",
-                "Requests being proxied right now.",
-                &["api"],
-            ),
+            in_flight: gauge("regscope_in_flight_requests", "Requests being proxied right now.", &["api"]),
             connections: gauge(
                 "regscope_connections",
                 "Open connections: from clients, and to the registry.",
@@ -263,11 +258,8 @@ impl Metrics {
             repositories: RepositoryLabels::new(repository_cap),
             registry,
         };
-        let build_info = gauge(
-            "regscope_build_info",
-            "Always 1; the version label says which regscope is running.",
-            &["version"],
-        );
+        let build_info =
+            gauge("regscope_build_info", "Always 1; the version label says which regscope is running.", &["version"]);
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
         let r = &m.registry;
@@ -326,9 +318,7 @@ impl Metrics {
     /// The Prometheus text exposition of every family.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 * 1024);
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding into a Vec cannot fail");
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding into a Vec cannot fail");
         out
     }
 

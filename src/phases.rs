@@ -201,14 +201,8 @@ mod tests {
     }
 
     fn with_body(mut r: RequestView, bytes: u64, end: f64, client_wait: f64) -> RequestView {
-        r.upload = Some(BodyView {
-            bytes,
-            start: r.start,
-            end,
-            client_wait,
-            registry_wait: 0.0,
-            outcome: BodyEnd::Complete,
-        });
+        r.upload =
+            Some(BodyView { bytes, start: r.start, end, client_wait, registry_wait: 0.0, outcome: BodyEnd::Complete });
         r
     }
 

@@ -56,14 +56,20 @@ pub struct Proxy {
 
 impl Proxy {
     /// Handles one request. Never fails: every failure becomes a registry-style response.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<ProxyBody>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         // HTTP/1 absolute-form (`GET http://host/ HTTP/1.1`) is how forward proxies are asked;
         // for h2 the URI always carries the authority, so only h1 is checked.
         let absolute_form = req.version() <= Version::HTTP_11 && req.uri().authority().is_some();
         let refusal = if req.method() == Method::CONNECT {
             Some(ProxyError::MethodNotAllowed(req.method().to_string()))
         } else if absolute_form {
-            Some(ProxyError::BadRequest("absolute-form request targets are not accepted: regscope is not a forward proxy"))
+            Some(ProxyError::BadRequest(
+                "absolute-form request targets are not accepted: regscope is not a forward proxy",
+            ))
         } else {
             None
         };
@@ -115,7 +121,8 @@ impl Proxy {
             .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
         parts.version = Version::HTTP_11;
 
-        let mut body = TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone());
+        let mut body =
+            TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone());
         if exchange.info().operation == Operation::ManifestPut {
             body = body.capture(manifest::CAPTURE_LIMIT, content_length(&parts.headers));
         }
@@ -123,14 +130,16 @@ impl Proxy {
         let response = self.await_response(Request::from_parts(parts, body), exchange).await?;
 
         let (mut parts, body) = response.into_parts();
-        let upstream_origin = Origin { scheme: self.upstream.scheme.as_str(), authority: self.upstream.authority.as_str() };
+        let upstream_origin =
+            Origin { scheme: self.upstream.scheme.as_str(), authority: self.upstream.authority.as_str() };
         let client_origin = client_host.as_deref().map(|authority| Origin { scheme: conn.scheme(), authority });
         let info = response_info(&parts.headers);
         headers::forward_response_headers(&mut parts.headers, &upstream_origin, client_origin.as_ref());
         let capture = parts.status.is_success()
             && matches!(exchange.info().operation, Operation::ManifestGet | Operation::V1AncestryGet);
         exchange.mark_response_head(parts.status.as_u16(), info);
-        let mut body = TimedBody::new(body, Direction::Download, Some(exchange.download_progress.clone()), exchange.clone());
+        let mut body =
+            TimedBody::new(body, Direction::Download, Some(exchange.download_progress.clone()), exchange.clone());
         if capture {
             body = body.capture(manifest::CAPTURE_LIMIT, content_length(&parts.headers));
         }

@@ -57,7 +57,9 @@ pub fn rows(t: &Transfer) -> Vec<Row> {
             layer_index += 1;
         }
         let size = format!(" ({})", bytes(blob.bytes));
-        let mut push = |i: usize, operation: String, seconds: f64, split| out.push((blob.start, i, Row { operation, seconds, split }));
+        let mut push = |i: usize, operation: String, seconds: f64, split| {
+            out.push((blob.start, i, Row { operation, seconds, split }))
+        };
         match (&blob.phases, t.direction) {
             (Some(p), TransferDirection::Push) => {
                 let (start, transfer, commit) =
@@ -89,7 +91,8 @@ pub fn rows(t: &Transfer) -> Vec<Row> {
             _ => continue,
         };
         let reference = r.reference.as_deref().map(|x| if x.contains(':') { short(x) } else { x }).unwrap_or("");
-        let row = Row { operation: format!("{label} {reference}").trim_end().to_owned(), seconds: r.duration(), split: None };
+        let row =
+            Row { operation: format!("{label} {reference}").trim_end().to_owned(), seconds: r.duration(), split: None };
         out.push((r.start, 0, row));
     }
     // The silent gaps between uploads, when nothing of the transfer was on the wire: the
@@ -165,10 +168,8 @@ pub fn render(t: &Transfer) -> String {
     let _ = writeln!(s, "  {heading:<width$}  {:>10}  {:>7}  {:>26}", "time", "share", "client / registry / moving");
     for row in &rows {
         let share = if t.wall_seconds > 0.0 { 100.0 * row.seconds / t.wall_seconds } else { 0.0 };
-        let split = row
-            .split
-            .map(|p| format!("{:.2}s / {:.2}s / {:.2}s", p.client, p.registry, p.moving))
-            .unwrap_or_default();
+        let split =
+            row.split.map(|p| format!("{:.2}s / {:.2}s / {:.2}s", p.client, p.registry, p.moving)).unwrap_or_default();
         let _ = writeln!(s, "  {:<width$}  {:>9.3}s  {:>6.1}%  {:>26}", row.operation, row.seconds, share, split);
     }
     let _ = writeln!(s, "  {:<width$}  {:>9.3}s  {:>6.1}%", "total (wall)", t.wall_seconds, 100.0);
@@ -215,7 +216,8 @@ pub async fn fetch(admin: &http::Uri, last: usize) -> Result<Vec<Transfer>, Fetc
     struct List {
         transfers: Vec<Transfer>,
     }
-    let list: List = serde_json::from_slice(&body).map_err(|e| FetchError::Decode { url: url.clone(), cause: e.to_string() })?;
+    let list: List =
+        serde_json::from_slice(&body).map_err(|e| FetchError::Decode { url: url.clone(), cause: e.to_string() })?;
     Ok(list.transfers)
 }
 

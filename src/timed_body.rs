@@ -170,7 +170,7 @@ impl Capture {
         self.bytes.extend_from_slice(data.chunk());
     }
 
-    fn into_bytes(&mut self) -> Vec<u8> {
+    fn take_bytes(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.bytes)
     }
 }
@@ -217,7 +217,7 @@ pin_project! {
                 } else {
                     BodyEnd::SinkDropped
                 };
-                recorder.record(finish(*this.direction, this.tally, end, Instant::now()), this.capture.into_bytes());
+                recorder.record(finish(*this.direction, this.tally, end, Instant::now()), this.capture.take_bytes());
             }
         }
     }
@@ -281,10 +281,7 @@ where
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         let now = Instant::now();
         let tally = this.tally;
@@ -335,7 +332,7 @@ where
         if let Some(end) = end {
             *this.done = true;
             if let Some(recorder) = this.recorder.take() {
-                recorder.record(finish(*this.direction, tally, end, now), this.capture.into_bytes());
+                recorder.record(finish(*this.direction, tally, end, now), this.capture.take_bytes());
             }
         }
         Poll::Ready(item)
@@ -388,12 +385,8 @@ mod tests {
                 match self.steps.pop_front() {
                     None => return Poll::Ready(None),
                     Some(Step::Wait(d)) => self.sleep = Some(Box::pin(tokio::time::sleep(d))),
-                    Some(Step::Data(n)) => {
-                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![7u8; n])))))
-                    }
-                    Some(Step::Fail) => {
-                        return Poll::Ready(Some(Err(std::io::Error::other("reset"))))
-                    }
+                    Some(Step::Data(n)) => return Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![7u8; n]))))),
+                    Some(Step::Fail) => return Poll::Ready(Some(Err(std::io::Error::other("reset")))),
                 }
             }
         }

@@ -226,11 +226,24 @@ fn direction_of(op: Operation) -> Option<TransferDirection> {
     use Operation::*;
     use TransferDirection::*;
     match op {
-        UploadStart | UploadStartMonolithic | BlobMount | UploadChunk | UploadFinish | UploadStatus
-        | UploadCancel | BlobHead | ManifestPut | V1RepositoryPut | V1ImageJsonPut | V1LayerPut
-        | V1ChecksumPut | V1TagPut | V1RepositoryImagesPut => Some(Push),
-        ManifestGet | ManifestHead | BlobGet | V1RepositoryImagesGet | V1TagsGet | V1AncestryGet
-        | V1LayerGet => Some(Pull),
+        UploadStart
+        | UploadStartMonolithic
+        | BlobMount
+        | UploadChunk
+        | UploadFinish
+        | UploadStatus
+        | UploadCancel
+        | BlobHead
+        | ManifestPut
+        | V1RepositoryPut
+        | V1ImageJsonPut
+        | V1LayerPut
+        | V1ChecksumPut
+        | V1TagPut
+        | V1RepositoryImagesPut => Some(Push),
+        ManifestGet | ManifestHead | BlobGet | V1RepositoryImagesGet | V1TagsGet | V1AncestryGet | V1LayerGet => {
+            Some(Pull)
+        }
         _ => None,
     }
 }
@@ -303,7 +316,13 @@ impl Tracker {
         Some(Key { client, repository: repository?, direction })
     }
 
-    fn session<'a>(&self, state: &'a mut State, key: &Key, api: Api, now: Instant) -> (&'a mut Session, Option<(Key, Session)>) {
+    fn session<'a>(
+        &self,
+        state: &'a mut State,
+        key: &Key,
+        api: Api,
+        now: Instant,
+    ) -> (&'a mut Session, Option<(Key, Session)>) {
         let mut evicted = None;
         if !state.open.contains_key(key) && state.open.len() >= self.config.max_open {
             // Full: close the longest-idle session to make room.
@@ -337,7 +356,9 @@ impl Tracker {
         for blob in &transfer.blobs {
             if let (Some(phases), BlobOutcome::Committed) = (&blob.phases, blob.outcome) {
                 for phase in Phase::ALL {
-                    m.upload_phase.with_label_values(&[transfer.api.as_str(), phase.as_str()]).observe(phases.get(phase));
+                    m.upload_phase
+                        .with_label_values(&[transfer.api.as_str(), phase.as_str()])
+                        .observe(phases.get(phase));
                 }
             }
         }
@@ -435,7 +456,12 @@ impl ExchangeSink for Tracker {
 }
 
 /// Applies one finished request to its session: what it tells about the transfer's end.
-fn update(s: &mut Session, r: &ExchangeRecord, manifest: Option<crate::manifest::ManifestRefs>, ancestry: Option<Vec<String>>) {
+fn update(
+    s: &mut Session,
+    r: &ExchangeRecord,
+    manifest: Option<crate::manifest::ManifestRefs>,
+    ancestry: Option<Vec<String>>,
+) {
     use Operation::*;
     let ok = r.status.is_some_and(|c| (200..400).contains(&c)) && r.aborted_by().is_none();
     let by_tag = r.reference.as_deref().filter(|reference| !reference.contains(':'));
@@ -551,9 +577,7 @@ fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transfer {
 }
 
 fn kind_and_size(expected: &[BlobRef], digest: Option<&str>) -> (Option<BlobKind>, Option<u64>) {
-    digest
-        .and_then(|d| expected.iter().find(|b| b.digest == d))
-        .map_or((None, None), |b| (Some(b.kind), b.size))
+    digest.and_then(|d| expected.iter().find(|b| b.digest == d)).map_or((None, None), |b| (Some(b.kind), b.size))
 }
 
 /// Push: one blob per upload (v2: by upload id; v1: by image id), in order of first request.
