@@ -24,8 +24,10 @@ pub struct Admin {
     /// A client of its own for probes: probes carry no body, proxied requests do.
     pub probe: UpstreamClient<Empty<Bytes>>,
     pub upstream: UpstreamTarget,
-    /// `None` when the transfers API is turned off.
+    /// `None` when the transfers API is turned off (which turns the UI off too).
     pub transfers: Option<Arc<Tracker>>,
+    /// Whether `/` and `/transfers/<id>` serve the web UI.
+    pub ui: bool,
     /// Set once shutdown begins, so load balancers stop sending new work.
     draining: AtomicBool,
 }
@@ -37,7 +39,7 @@ impl Admin {
         upstream: UpstreamTarget,
         transfers: Option<Arc<Tracker>>,
     ) -> Self {
-        Admin { metrics, probe, upstream, transfers, draining: AtomicBool::new(false) }
+        Admin { metrics, probe, upstream, transfers, ui: true, draining: AtomicBool::new(false) }
     }
 
     pub fn set_draining(&self) {
@@ -60,6 +62,11 @@ impl Admin {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => self.readiness().await,
             path if path == TRANSFERS || path.starts_with(TRANSFERS_PREFIX) => self.transfers(path, req.uri().query()),
+            "/api/v1/live" => match &self.transfers {
+                Some(tracker) => json(&tracker.live()),
+                None => text(StatusCode::NOT_FOUND, "the transfers API is disabled\n"),
+            },
+            path if self.ui && (path == "/" || path.starts_with("/transfers/")) => self.ui_page(path),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         })
     }
@@ -115,6 +122,33 @@ impl Admin {
             ),
         }
     }
+}
+
+impl Admin {
+    fn ui_page(&self, path: &str) -> Response<Full<Bytes>> {
+        let Some(tracker) = &self.transfers else {
+            return text(StatusCode::NOT_FOUND, "the UI needs the transfers API, which is disabled\n");
+        };
+        if path == "/" {
+            return html(crate::ui::index(&tracker.live(), &tracker.recent(50)), "text/html; charset=utf-8");
+        }
+        let rest = &path["/transfers/".len()..];
+        let (id, svg) = match rest.strip_suffix(".svg") {
+            Some(id) => (id, true),
+            None => (rest, false),
+        };
+        match id.parse::<u64>().ok().and_then(|id| tracker.get(id)) {
+            Some(t) if svg => html(crate::waterfall::render_svg(&t), "image/svg+xml"),
+            Some(t) => html(crate::ui::transfer_page(&t), "text/html; charset=utf-8"),
+            None => text(StatusCode::NOT_FOUND, "no such transfer\n"),
+        }
+    }
+}
+
+fn html(body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response
 }
 
 const TRANSFERS: &str = "/api/v1/transfers";

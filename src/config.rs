@@ -92,6 +92,10 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_DISABLE_TRANSFERS_API")]
     pub disable_transfers_api: bool,
 
+    /// Turn off the web UI on the admin port (`/` and `/transfers/<id>`).
+    #[arg(long, env = "REGSCOPE_NO_UI")]
+    pub no_ui: bool,
+
     /// Log format.
     #[arg(long, env = "REGSCOPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -116,6 +120,18 @@ pub struct ReportConfig {
     /// Print the transfers as JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+
+    /// Which transfer `--svg`/`--html` draw (default: the newest).
+    #[arg(long)]
+    pub id: Option<u64>,
+
+    /// Write the transfer's waterfall as an SVG file, to attach to a bug report.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+
+    /// Write the transfer's page (waterfall, layers, requests) as a standalone HTML file.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
 }
 
 /// Parses `250ms`, `30s`, `5m`, `1h`, or a bare number of seconds.

@@ -118,6 +118,23 @@ pub struct Exchange {
     /// Live byte counts, for in-progress views.
     pub upload_progress: Arc<AtomicU64>,
     pub download_progress: Arc<AtomicU64>,
+    /// The request's declared body length, for progress bars.
+    upload_expected: OnceLock<u64>,
+}
+
+/// A snapshot of an exchange still on the wire, for live views.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LiveExchange {
+    pub id: u64,
+    pub operation: Operation,
+    pub digest: Option<String>,
+    pub upload_id: Option<String>,
+    /// Seconds since the request arrived.
+    pub elapsed: f64,
+    /// Body bytes so far in the exchange's main direction, and how many are expected.
+    pub bytes: u64,
+    pub expected: Option<u64>,
+    pub direction: Direction,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -169,6 +186,7 @@ impl Exchange {
             upload_done: Notify::new(),
             upload_progress: Arc::new(AtomicU64::new(0)),
             download_progress: Arc::new(AtomicU64::new(0)),
+            upload_expected: OnceLock::new(),
         });
         exchange.recorders.sink.started(&exchange);
         exchange
@@ -185,6 +203,32 @@ impl Exchange {
 
     pub fn received(&self) -> Instant {
         self.record.received
+    }
+
+    pub fn set_upload_expected(&self, length: u64) {
+        let _ = self.upload_expected.set(length);
+    }
+
+    /// What this exchange is doing right now.
+    pub fn live(&self, now: Instant) -> LiveExchange {
+        let r = &self.record;
+        let uploading = self.upload.get().is_none() && self.upload_progress.load(Ordering::Relaxed) > 0;
+        let (direction, bytes, expected) = if uploading || self.response_head.get().is_none() {
+            (Direction::Upload, self.upload_progress.load(Ordering::Relaxed), self.upload_expected.get().copied())
+        } else {
+            let expected = self.response_info.get().and_then(|i| i.content_length);
+            (Direction::Download, self.download_progress.load(Ordering::Relaxed), expected)
+        };
+        LiveExchange {
+            id: r.id,
+            operation: r.operation,
+            digest: r.digest.as_deref().map(str::to_owned),
+            upload_id: r.upload_id.as_deref().map(str::to_owned),
+            elapsed: now.saturating_duration_since(r.received).as_secs_f64(),
+            bytes,
+            expected,
+            direction,
+        }
     }
 
     pub fn mark_forwarded(&self) {

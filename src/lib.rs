@@ -12,6 +12,7 @@
 //! - [`phases`]: upload phases, v1 and v2 in one vocabulary; [`manifest`]: what a pull fetches.
 //! - [`timeline`]: a transfer's requests on one time axis, and who each instant belongs to.
 //! - [`transfers`]: grouping requests into pushes and pulls; [`report`]: the table people read.
+//! - [`waterfall`] and [`ui`]: each transfer as a waterfall, and the admin port's pages.
 //! - [`metrics`]: every Prometheus family (the contract); [`config`]: flags and env twins.
 #![forbid(unsafe_code)]
 
@@ -31,7 +32,9 @@ pub mod timed_body;
 pub mod timeline;
 pub mod tls;
 pub mod transfers;
+pub mod ui;
 pub mod upstream;
+pub mod waterfall;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -81,7 +84,9 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     });
     let probe = upstream::client(tls_client, config.upstream_connect_timeout, config.upstream_idle_timeout, &metrics);
     let transfers_api = (!config.disable_transfers_api).then_some(tracker);
-    let admin = Arc::new(Admin::new(metrics, probe, upstream.clone(), transfers_api));
+    let mut admin = Admin::new(metrics, probe, upstream.clone(), transfers_api);
+    admin.ui = !config.no_ui;
+    let admin = Arc::new(admin);
 
     let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| SetupError::Bind { addr, source }) };
     let proxy_listener = bind(config.listen).await?;

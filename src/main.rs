@@ -16,7 +16,23 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn report(config: regscope::config::ReportConfig, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
-    let transfers = runtime.block_on(regscope::report::fetch(&config.admin, config.last))?;
+    let wanted = if config.id.is_some() { config.last.max(1000) } else { config.last };
+    let transfers = runtime.block_on(regscope::report::fetch(&config.admin, wanted))?;
+    if config.svg.is_some() || config.html.is_some() {
+        let transfer = match config.id {
+            Some(id) => transfers.iter().find(|t| t.id == id).with_context(|| format!("no transfer {id}"))?,
+            None => transfers.first().context("no finished pushes or pulls yet")?,
+        };
+        if let Some(path) = &config.svg {
+            std::fs::write(path, regscope::waterfall::render_svg(transfer))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(path) = &config.html {
+            std::fs::write(path, regscope::ui::transfer_page(transfer))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(());
+    }
     if config.json {
         println!("{}", serde_json::to_string_pretty(&transfers)?);
         return Ok(());

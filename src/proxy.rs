@@ -123,6 +123,9 @@ impl Proxy {
 
         let mut body =
             TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone());
+        if let Some(length) = content_length(&parts.headers) {
+            exchange.set_upload_expected(length);
+        }
         if exchange.info().operation == Operation::ManifestPut {
             body = body.capture(manifest::CAPTURE_LIMIT, content_length(&parts.headers));
         }

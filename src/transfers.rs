@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::exchange::{Exchange, ExchangeRecord, ExchangeSink};
+use crate::exchange::{Exchange, ExchangeRecord, ExchangeSink, LiveExchange};
 use crate::manifest::{parse_ancestry, parse_manifest, BlobKind, BlobRef};
 use crate::metrics::Metrics;
 use crate::phases::{upload_outcome, upload_phases, Phase, UploadOutcome, UploadPhases};
@@ -129,6 +129,22 @@ pub struct Transfer {
     pub requests: Vec<RequestView>,
     /// Requests beyond the per-transfer cap: counted, not kept.
     pub requests_dropped: u64,
+}
+
+/// A push or pull still going on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LiveTransfer {
+    pub direction: TransferDirection,
+    pub api: Api,
+    pub repository: String,
+    pub tag: Option<String>,
+    pub client: String,
+    /// Seconds since its first request.
+    pub elapsed: f64,
+    pub requests_done: u64,
+    /// Body bytes of finished requests, in the transfer's direction.
+    pub bytes_done: u64,
+    pub in_flight: Vec<LiveExchange>,
 }
 
 /// Limits and timeouts of the tracker.
@@ -260,6 +276,50 @@ impl Tracker {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Transfers in progress, oldest first, with what each of their requests on the wire has
+    /// moved so far.
+    pub fn live(&self) -> Vec<LiveTransfer> {
+        let now = Instant::now();
+        let state = self.lock();
+        let mut live: Vec<LiveTransfer> = state
+            .open
+            .iter()
+            .map(|(key, s)| {
+                let mut requests: Vec<LiveExchange> =
+                    s.in_flight.values().filter_map(Weak::upgrade).map(|e| e.live(now)).collect();
+                requests.sort_by_key(|r| r.id);
+                for r in &mut requests {
+                    if r.expected.is_none() {
+                        r.expected = kind_and_size(&s.expected, r.digest.as_deref()).1;
+                    }
+                }
+                LiveTransfer {
+                    direction: key.direction,
+                    api: s.api,
+                    repository: key.repository.to_string(),
+                    tag: s.tag.clone(),
+                    client: key.client.to_string(),
+                    elapsed: now.saturating_duration_since(s.base).as_secs_f64(),
+                    requests_done: s.records.len() as u64 + s.dropped,
+                    bytes_done: s
+                        .records
+                        .iter()
+                        .map(|r| {
+                            let body = match key.direction {
+                                TransferDirection::Push => r.upload.as_ref(),
+                                TransferDirection::Pull => r.download.as_ref(),
+                            };
+                            body.map_or(0, |b| b.bytes)
+                        })
+                        .sum(),
+                    in_flight: requests,
+                }
+            })
+            .collect();
+        live.sort_by(|a, b| b.elapsed.total_cmp(&a.elapsed));
+        live
     }
 
     /// Finished transfers, newest first.

@@ -1,0 +1,285 @@
+//! A transfer as a waterfall, the way browser devtools show a page load: one row per request
+//! on a shared time axis, each row's segments coloured by what the bytes were waiting on.
+//! Silent gaps between requests stay visible as gaps. Rendered as a standalone SVG.
+//!
+//! Segment widths are exact: every `<rect>` carries `data-seconds`, and its width is that
+//! duration times the axis scale.
+
+use std::fmt::Write as _;
+
+use crate::timeline::{RequestView, Split};
+use crate::transfers::Transfer;
+
+/// Colours per party: the same in the waterfall, the stacked bars and the legend.
+pub const CLIENT: &str = "#d1495b";
+pub const REGISTRY: &str = "#edae49";
+pub const MOVING: &str = "#00798c";
+
+const WIDTH: f64 = 1100.0;
+const LABEL: f64 = 330.0;
+const ROW: f64 = 20.0;
+const TOP: f64 = 46.0;
+
+/// Escapes text for HTML and SVG.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A request's label: its operation and what it names.
+pub fn request_label(r: &RequestView) -> String {
+    let what = r.digest.as_deref().or(r.reference.as_deref()).or(r.upload_id.as_deref()).unwrap_or("");
+    let what = what.split_once(':').map_or(what, |(_, hex)| hex);
+    let what = &what[..what.len().min(12)];
+    let status = r.status.map_or("—".to_owned(), |s| s.to_string());
+    format!("{} {} {} {}", r.method, r.operation.as_str(), what, status)
+}
+
+/// The coloured pieces of one request, in time order: (party, start offset, seconds).
+/// Bodies are drawn as their client / registry / moving split, in that order within the body.
+pub fn pieces(r: &RequestView) -> Vec<(&'static str, f64, f64)> {
+    let mut out = Vec::new();
+    let forwarded = r.forwarded.unwrap_or(r.start);
+    let head = r.response_head.unwrap_or(r.end);
+    let plain = |party: &'static str, from: f64, to: f64, out: &mut Vec<_>| {
+        if to > from {
+            out.push((party, from, to - from));
+        }
+    };
+    let body = |split: Split, from: f64, out: &mut Vec<(&'static str, f64, f64)>| {
+        let mut at = from;
+        for (party, seconds) in [("client", split.client), ("registry", split.registry), ("moving", split.moving)] {
+            if seconds > 0.0 {
+                out.push((party, at, seconds));
+                at += seconds;
+            }
+        }
+    };
+    plain("moving", r.start, forwarded, &mut out);
+    match &r.upload {
+        Some(up) => {
+            plain("registry", forwarded, up.start.min(head), &mut out);
+            body(up.split(), up.start, &mut out);
+            plain("registry", up.end.max(forwarded), head, &mut out);
+        }
+        None => plain("registry", forwarded, head, &mut out),
+    }
+    match &r.download {
+        Some(down) => {
+            plain("moving", head, down.start, &mut out);
+            body(down.split(), down.start, &mut out);
+            plain("moving", down.end, r.end, &mut out);
+        }
+        None => plain("moving", head, r.end, &mut out),
+    }
+    out
+}
+
+fn colour(party: &str) -> &'static str {
+    match party {
+        "client" => CLIENT,
+        "registry" => REGISTRY,
+        _ => MOVING,
+    }
+}
+
+/// Pixels per second for a transfer of this wall time.
+pub fn scale(wall: f64) -> f64 {
+    (WIDTH - LABEL - 10.0) / wall.max(1e-6)
+}
+
+/// The waterfall of one transfer as a standalone SVG document.
+pub fn render_svg(t: &Transfer) -> String {
+    let scale = scale(t.wall_seconds);
+    let height = TOP + ROW * t.requests.len() as f64 + 40.0;
+    let mut s = String::with_capacity(512 + 400 * t.requests.len());
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="monospace" font-size="11" data-wall="{wall}" data-scale="{scale}">"#,
+        wall = t.wall_seconds
+    );
+    let title = format!(
+        "{} {} {}{} — {:.3} s",
+        t.api.as_str(),
+        t.direction.as_str(),
+        t.repository,
+        t.tag.as_deref().map(|tag| format!(":{tag}")).unwrap_or_default(),
+        t.wall_seconds
+    );
+    let _ = write!(s, r#"<text x="4" y="14" font-size="13">{}</text>"#, escape(&title));
+    // Legend.
+    for (i, (party, name)) in
+        [("client", "waiting on client"), ("registry", "waiting on registry"), ("moving", "bytes moving")]
+            .into_iter()
+            .enumerate()
+    {
+        let x = LABEL + i as f64 * 170.0;
+        let _ = write!(
+            s,
+            r#"<rect x="{x}" y="6" width="12" height="10" fill="{}"/><text x="{}" y="15">{name}</text>"#,
+            colour(party),
+            x + 16.0
+        );
+    }
+    // Time axis ticks.
+    let step = nice_step(t.wall_seconds / 8.0);
+    let mut tick = 0.0;
+    while tick <= t.wall_seconds + 1e-9 && step > 0.0 {
+        let x = LABEL + tick * scale;
+        let _ = write!(
+            s,
+            r##"<line x1="{x:.2}" y1="{}" x2="{x:.2}" y2="{}" stroke="#ddd"/><text x="{x:.2}" y="{}" fill="#666">{}</text>"##,
+            TOP - 8.0,
+            height - 30.0,
+            TOP - 10.0,
+            format_seconds(tick)
+        );
+        tick += step;
+    }
+    for (i, r) in t.requests.iter().enumerate() {
+        let y = TOP + i as f64 * ROW;
+        let _ = write!(
+            s,
+            r#"<g class="request" data-id="{}" data-start="{}" data-end="{}"><text x="4" y="{:.1}">{}</text>"#,
+            r.id,
+            r.start,
+            r.end,
+            y + 13.0,
+            escape(&request_label(r))
+        );
+        for (party, from, seconds) in pieces(r) {
+            let _ = write!(
+                s,
+                r#"<rect class="segment {party}" data-party="{party}" data-seconds="{seconds}" x="{:.3}" y="{:.1}" width="{:.3}" height="{:.1}" fill="{}"><title>{party}: {:.4} s</title></rect>"#,
+                LABEL + from * scale,
+                y + 3.0,
+                seconds * scale,
+                ROW - 6.0,
+                colour(party),
+                seconds
+            );
+        }
+        let bytes = r.bytes_in() + r.bytes_out();
+        let _ = write!(
+            s,
+            r#"<title>{}: {:.4} s, {} bytes, client {:.4} s / registry {:.4} s / moving {:.4} s</title></g>"#,
+            escape(&request_label(r)),
+            r.duration(),
+            bytes,
+            r.split().client,
+            r.split().registry,
+            r.split().moving
+        );
+    }
+    let shares = t.parties;
+    let pct = |x: f64| if t.wall_seconds > 0.0 { 100.0 * x / t.wall_seconds } else { 0.0 };
+    let _ = write!(
+        s,
+        r#"<text x="4" y="{:.1}">client {:.1} %, registry {:.1} %, moving {:.1} % of {:.3} s</text></svg>"#,
+        height - 10.0,
+        pct(shares.client),
+        pct(shares.registry),
+        pct(shares.moving),
+        t.wall_seconds
+    );
+    s
+}
+
+/// A round tick step (1, 2 or 5 times a power of ten) close to `raw`.
+fn nice_step(raw: f64) -> f64 {
+    if raw <= 0.0 || !raw.is_finite() {
+        return 0.0;
+    }
+    let power = 10f64.powf(raw.log10().floor());
+    let n = raw / power;
+    let nice = if n < 1.5 {
+        1.0
+    } else if n < 3.5 {
+        2.0
+    } else if n < 7.5 {
+        5.0
+    } else {
+        10.0
+    };
+    nice * power
+}
+
+fn format_seconds(t: f64) -> String {
+    if t == 0.0 {
+        "0".into()
+    } else if t < 1.0 {
+        format!("{:.0} ms", t * 1e3)
+    } else {
+        format!("{t:.1} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::Operation;
+    use crate::timed_body::BodyEnd;
+    use crate::timeline::BodyView;
+
+    fn request() -> RequestView {
+        RequestView {
+            id: 3,
+            method: "PATCH".into(),
+            operation: Operation::UploadChunk,
+            status: Some(202),
+            digest: None,
+            reference: None,
+            upload_id: Some("u-1".into()),
+            start: 1.0,
+            forwarded: Some(1.01),
+            response_head: Some(5.0),
+            end: 5.2,
+            upload: Some(BodyView {
+                bytes: 100,
+                start: 1.02,
+                end: 4.0,
+                client_wait: 2.0,
+                registry_wait: 0.5,
+                outcome: BodyEnd::Complete,
+            }),
+            download: None,
+            aborted_by: None,
+        }
+    }
+
+    #[test]
+    fn pieces_cover_the_request_exactly() {
+        let r = request();
+        let pieces = pieces(&r);
+        let total: f64 = pieces.iter().map(|p| p.2).sum();
+        assert!((total - r.duration()).abs() < 1e-9, "{pieces:?}");
+        let client: f64 = pieces.iter().filter(|p| p.0 == "client").map(|p| p.2).sum();
+        assert!((client - 2.0).abs() < 1e-9);
+        // Registry: connect (0.01) + body wait (0.5) + processing after the body (1.0).
+        let registry: f64 = pieces.iter().filter(|p| p.0 == "registry").map(|p| p.2).sum();
+        assert!((registry - 1.51).abs() < 1e-9, "{registry}");
+    }
+
+    #[test]
+    fn nice_steps() {
+        assert_eq!(nice_step(0.13), 0.1);
+        assert_eq!(nice_step(2.7), 2.0);
+        assert_eq!(nice_step(60.0), 50.0);
+        assert_eq!(nice_step(0.0), 0.0);
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(escape(r#"<a href="x">&'"#), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+    }
+}
