@@ -1,0 +1,161 @@
+# script/lib.sh: shell functions shared by script/test and script/demo. Source it; it defines
+# functions only. Everything a function starts is recorded so rs_cleanup stops exactly that (by pid)
+# and removes exactly the directories it made.
+#
+#   rs_install_packages          apt-get install what is missing of docker.io, docker-registry,
+#                                skopeo, prometheus, curl (apt-get update only when something is missing)
+#   rs_start_dockerd DIR         start a private dockerd whose every file lives under DIR; sets
+#                                RS_DOCKER_HOST=unix://DIR/docker.sock once `docker info` answers
+#   rs_start_registry DIR PORT   start distribution on 127.0.0.1:PORT, storage and log under DIR
+#   rs_free_port                 print a loopback TCP port that is free right now
+#   rs_wait_http URL [TRIES]     wait until URL answers 2xx (0.2 s between tries, default 100)
+#   rs_track_pid PID NAME        have rs_cleanup stop PID (for other background processes)
+#   rs_track_dir DIR             have rs_cleanup unmount anything under DIR and remove it
+#   rs_cleanup                   stop what was tracked (newest first), remove tracked dirs
+#   rs_log MSG...                print a progress line on stderr
+
+RS_PIDS=()
+RS_PID_NAMES=()
+RS_DIRS=()
+
+rs_log() {
+    printf '==> %s\n' "$*" >&2
+}
+
+rs_track_pid() {
+    RS_PIDS+=("$1")
+    RS_PID_NAMES+=("$2")
+}
+
+rs_track_dir() {
+    RS_DIRS+=("$1")
+}
+
+rs_free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+rs_wait_http() {
+    local url=$1 tries=${2:-100} i
+    for i in $(seq "$tries"); do
+        curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+rs_install_packages() {
+    local -A wanted=([curl]=curl [dockerd]=docker.io [docker-registry]=docker-registry [skopeo]=skopeo [prometheus]=prometheus)
+    local missing=() cmd
+    for cmd in "${!wanted[@]}"; do
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    rs_log "installing ${missing[*]}"
+    # Packages must not start their system services (a registry on :5000, a system dockerd): keep
+    # a policy-rc.d that forbids it for the duration, unless the machine already has one.
+    local policy=/usr/sbin/policy-rc.d made_policy=
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+    fi
+    local rc=0
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >&2 || rc=$?
+    [ -n "$made_policy" ] && rm -f "$policy"
+    return "$rc"
+}
+
+# dockerd without systemd, bridges or iptables, with the vfs storage driver (no overlay mounts
+# needed). It starts and stops its own containerd under DIR/exec. DIR must be short: containerd's
+# socket path has to fit in 108 bytes.
+rs_start_dockerd() {
+    local dir=$1
+    mkdir -p "$dir"
+    rs_track_dir "$dir"
+    dockerd --storage-driver=vfs --iptables=false --ip6tables=false --bridge=none \
+        --data-root "$dir/root" --exec-root "$dir/exec" --pidfile "$dir/docker.pid" \
+        -H "unix://$dir/docker.sock" >"$dir/dockerd.log" 2>&1 &
+    local pid=$!
+    rs_track_pid "$pid" dockerd
+    RS_DOCKER_HOST="unix://$dir/docker.sock"
+    local i
+    for i in $(seq 120); do
+        if DOCKER_HOST=$RS_DOCKER_HOST docker info >/dev/null 2>&1; then
+            rs_log "dockerd $pid ready on $RS_DOCKER_HOST"
+            return 0
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            break
+        fi
+        sleep 0.5
+    done
+    rs_log "dockerd did not start; its log:"
+    tail -n 40 "$dir/dockerd.log" >&2
+    return 1
+}
+
+rs_start_registry() {
+    local dir=$1 port=$2
+    mkdir -p "$dir"
+    rs_track_dir "$dir"
+    cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $dir/storage
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$port
+EOF
+    docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 &
+    local pid=$!
+    rs_track_pid "$pid" docker-registry
+    if rs_wait_http "http://127.0.0.1:$port/v2/"; then
+        rs_log "registry $pid ready on 127.0.0.1:$port"
+        return 0
+    fi
+    rs_log "registry did not start; its log:"
+    tail -n 20 "$dir/registry.log" >&2
+    return 1
+}
+
+# TERM, then KILL after 20 s: dockerd needs a few seconds to stop containerd and unmount.
+rs_stop_pid() {
+    local pid=$1 name=$2 i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for i in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.2
+    done
+    rs_log "$name ($pid) ignored TERM; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# A dockerd that was killed leaves its data root bind-mounted: unmount deepest first, then remove.
+rs_remove_dir() {
+    local dir=$1 mnt
+    [ -d "$dir" ] || return 0
+    awk -v d="$dir" '$2 == d || index($2, d "/") == 1 { print $2 }' /proc/self/mounts | sort -r |
+        while read -r mnt; do umount -l "$mnt" 2>/dev/null || true; done
+    rm -rf "$dir"
+}
+
+rs_cleanup() {
+    local i
+    for ((i = ${#RS_PIDS[@]} - 1; i >= 0; i--)); do
+        rs_stop_pid "${RS_PIDS[$i]}" "${RS_PID_NAMES[$i]}"
+    done
+    for ((i = ${#RS_DIRS[@]} - 1; i >= 0; i--)); do
+        rs_remove_dir "${RS_DIRS[$i]}"
+    done
+    RS_PIDS=()
+    RS_PID_NAMES=()
+    RS_DIRS=()
+}

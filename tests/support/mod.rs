@@ -1,0 +1,26 @@
+//! Test harness: starts the real pieces (a distribution registry, regscope, the shared dockerd,
+//! skopeo) on loopback sockets and gives tests what they need to look at them.
+//!
+//! Layout: `process` runs child commands with timeouts, `net` holds sockets and a tiny HTTP client,
+//! `registry`, `regscope` and `docker` wrap one program each, and `image` writes test images.
+//!
+//! Every integration test file does `mod support;` and uses a subset of this module, so items a given
+//! test binary does not use are expected; hence the allowances below.
+#![allow(dead_code, unused_imports)]
+
+pub mod client;
+mod docker;
+mod image;
+mod net;
+mod process;
+mod registry;
+mod regscope;
+pub mod replay;
+pub mod timing;
+
+pub use docker::{docker, Docker};
+pub use image::{sha256_digest, sha256_file, LayerInfo, TestImage};
+pub use net::{free_port, http_get, wait_for_tcp, HttpResponse};
+pub use process::{check, eventually, output, skopeo, TempDir};
+pub use registry::{LoggedRequest, Registry, RegistryOptions};
+pub use regscope::{metric_sum, Regscope, RequestEvent};
