@@ -89,6 +89,19 @@ impl ProxyError {
     }
 }
 
+/// Whether a rustls error hides in `e`. rustls errors arrive wrapped in io::Errors (twice,
+/// through hyper-rustls), and an io::Error's `source()` skips the error it wraps, so each
+/// wrapper is opened explicitly.
+fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.is::<rustls::Error>() {
+        return true;
+    }
+    match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        Some(inner) => is_tls_failure(inner),
+        None => false,
+    }
+}
+
 /// Classifies a failure of the upstream client into a cause a person can act on.
 pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> (UpstreamErrorKind, String) {
     use std::error::Error as _;
@@ -107,10 +120,7 @@ pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> (Upstre
                 _ => None,
             });
         }
-        // rustls errors arrive wrapped in an io::Error, whose `source()` skips the wrapped
-        // error itself: look inside explicitly.
-        let wrapped = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
-        if e.downcast_ref::<rustls::Error>().is_some() || wrapped.is_some_and(|w| w.is::<rustls::Error>()) {
+        if is_tls_failure(e) {
             kind = Some(UpstreamErrorKind::Tls);
         }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
@@ -159,5 +169,42 @@ mod tests {
         assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(ProxyError::MethodNotAllowed("CONNECT".into()).status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(ProxyError::BadRequest("x").status(), StatusCode::BAD_REQUEST);
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A TLS server whose certificate the client does not trust: the failure is `tls`.
+    #[tokio::test]
+    async fn untrusted_certificate_is_a_tls_error() {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ = acceptor.accept(stream).await;
+        });
+        let metrics = crate::metrics::Metrics::new(0);
+        let client = crate::upstream::client::<http_body_util::Empty<bytes::Bytes>>(
+            crate::tls::client_config(None).unwrap(),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            &metrics,
+        );
+        let uri: http::Uri = format!("https://{addr}/v2/").parse().unwrap();
+        let err = client.get(uri).await.unwrap_err();
+        let (kind, cause) = classify_client_error(&err);
+        assert_eq!(kind, UpstreamErrorKind::Tls, "{cause}");
     }
 }
