@@ -74,6 +74,24 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
 
+    /// Time a client connection may take to send a complete request head. hyper arms this
+    /// timer whenever the connection waits for a head, so it is also the idle keep-alive timeout.
+    #[arg(long, env = "REGSCOPE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Largest request head accepted (HTTP/1 read buffer; h2 header list), in bytes.
+    #[arg(long, env = "REGSCOPE_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Client connections served at once; beyond this, new ones get a 503 registry error.
+    #[arg(long, env = "REGSCOPE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// A body whose source sends nothing for this long is aborted (never finished) and counted.
+    /// Bodies have no size limit: layers are large. 0 turns stall detection off.
+    #[arg(long, env = "REGSCOPE_BODY_STALL_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub body_stall_timeout: Duration,
+
     /// Opt into a `repository` label on per-repository counters, capped at this many distinct
     /// repositories (later ones count as `other`). 0 disables it.
     #[arg(long, env = "REGSCOPE_LABEL_REPOSITORY", default_value_t = 0)]

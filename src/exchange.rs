@@ -354,6 +354,11 @@ fn observe(m: &Metrics, r: &ExchangeRecord) {
             }
         }
     }
+    for body in [r.upload.as_ref(), r.download.as_ref()].into_iter().flatten() {
+        if body.end == crate::timed_body::BodyEnd::SourceStalled {
+            m.stalled.with_label_values(&[body.direction.as_str()]).inc();
+        }
+    }
     if let Some(side) = r.aborted_by() {
         m.aborted.with_label_values(&[op, side.as_str()]).inc();
     }

@@ -80,6 +80,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         upstream: upstream.clone(),
         host_mode: config.host_header,
         response_timeout: config.upstream_response_timeout,
+        stall_timeout: (!config.body_stall_timeout.is_zero()).then_some(config.body_stall_timeout),
         recorders,
     });
     let probe = upstream::client(tls_client, config.upstream_connect_timeout, config.upstream_idle_timeout, &metrics);
@@ -101,6 +102,12 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         "listening"
     );
     let listener = ProxyListener { listener: proxy_listener, tls: tls_server };
-    server::run(listener, admin_listener, proxy, admin, config.shutdown_grace, shutdown).await;
+    let limits = server::Limits {
+        header_read_timeout: config.header_read_timeout,
+        max_header_bytes: config.max_header_bytes,
+        max_connections: config.max_connections.max(1),
+        grace: config.shutdown_grace,
+    };
+    server::run(listener, admin_listener, proxy, admin, limits, shutdown).await;
     Ok(())
 }

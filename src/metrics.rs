@@ -118,6 +118,7 @@ pub struct Metrics {
     pub upstream_connect: Histogram,
     pub upstream_errors: IntCounterVec,
     pub aborted: IntCounterVec,
+    pub stalled: IntCounterVec,
     pub repository_requests: Option<IntCounterVec>,
     pub repository_bytes: Option<IntCounterVec>,
     pub upload_phase: HistogramVec,
@@ -224,6 +225,11 @@ impl Metrics {
                 "Exchanges cut off before their bodies completed, by the side that cut them.",
                 &["operation", "side"],
             ),
+            stalled: counter(
+                "regscope_stalled_bodies_total",
+                "Bodies cut off because their source sent nothing for the stall timeout.",
+                &["direction"],
+            ),
             repository_requests: (repository_cap > 0).then(|| {
                 counter(
                     "regscope_repository_requests_total",
@@ -280,6 +286,7 @@ impl Metrics {
         register(Box::new(m.upstream_connect.clone()));
         register(Box::new(m.upstream_errors.clone()));
         register(Box::new(m.aborted.clone()));
+        register(Box::new(m.stalled.clone()));
         register(Box::new(m.upload_phase.clone()));
         register(Box::new(m.image_transfer.clone()));
         register(Box::new(m.image_time_total.clone()));
@@ -302,6 +309,9 @@ impl Metrics {
         }
         for side in crate::timed_body::Side::ALL {
             self.connections.with_label_values(&[side.as_str()]);
+        }
+        for direction in crate::timed_body::Direction::ALL {
+            self.stalled.with_label_values(&[direction.as_str()]);
         }
         for kind in [
             UpstreamErrorKind::ConnectRefused,

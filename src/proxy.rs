@@ -51,6 +51,8 @@ pub struct Proxy {
     pub client: UpstreamClient<TimedBody<Incoming>>,
     pub host_mode: HostMode,
     pub response_timeout: Duration,
+    /// `None`: stall detection off.
+    pub stall_timeout: Option<Duration>,
     pub recorders: Arc<Recorders>,
 }
 
@@ -122,7 +124,8 @@ impl Proxy {
         parts.version = Version::HTTP_11;
 
         let mut body =
-            TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone());
+            TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone())
+                .stall_timeout(self.stall_timeout);
         if let Some(length) = content_length(&parts.headers) {
             exchange.set_upload_expected(length);
         }
@@ -142,7 +145,8 @@ impl Proxy {
             && matches!(exchange.info().operation, Operation::ManifestGet | Operation::V1AncestryGet);
         exchange.mark_response_head(parts.status.as_u16(), info);
         let mut body =
-            TimedBody::new(body, Direction::Download, Some(exchange.download_progress.clone()), exchange.clone());
+            TimedBody::new(body, Direction::Download, Some(exchange.download_progress.clone()), exchange.clone())
+                .stall_timeout(self.stall_timeout);
         if capture {
             body = body.capture(manifest::CAPTURE_LIMIT, content_length(&parts.headers));
         }

@@ -18,10 +18,23 @@ use crate::admin::Admin;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::timed_body::Side;
 
-/// How long a client may take to send a request head before the connection is closed.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Limits that keep one client from hurting the others.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    /// After shutdown begins, how long in-flight connections may finish.
+    pub grace: Duration,
+}
+
+/// Sent, then the connection closed, when `max_connections` are already being served.
+const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+docker-distribution-api-version: registry/2.0\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 97\r\n\r\n\
+{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"regscope: too many connections, try again shortly\"}]}";
 
 /// What the proxy listener serves.
 pub struct ProxyListener {
@@ -36,14 +49,24 @@ pub async fn run(
     admin_listener: TcpListener,
     proxy: Arc<Proxy>,
     admin: Arc<Admin>,
-    grace: Duration,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
 
     let admin_task = tokio::spawn(admin_loop(admin_listener, admin.clone()));
     tokio::pin!(shutdown);
@@ -61,10 +84,15 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_overloaded(stream, proxy_listener.tls.is_some()));
+            continue;
+        };
         let conn = ConnInfo { peer, tls: proxy_listener.tls.is_some() };
         let watcher = graceful.watcher();
         let (tls, proxy, builder) = (proxy_listener.tls.clone(), proxy.clone(), builder.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let _open = OpenConnection::new(proxy.recorders.metrics.connection_gauge(Side::Client));
             let service = service_fn(move |req| proxy.clone().handle(req, conn));
             let result = match tls {
@@ -83,11 +111,23 @@ pub async fn run(
     drop(proxy_listener);
     admin.set_draining();
     tracing::info!(connections = graceful.count(), "shutting down: no longer accepting, draining");
+    let grace = limits.grace;
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over, exiting with requests in flight"),
     }
     admin_task.abort();
+}
+
+/// Answers a connection beyond the limit with a registry-style 503 and closes it. Over TLS
+/// there is no cheap way to answer, so the connection is just closed.
+async fn refuse_overloaded(mut stream: tokio::net::TcpStream, tls: bool) {
+    use tokio::io::AsyncWriteExt;
+    tracing::warn!("connection limit reached: refusing a connection");
+    if !tls {
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(OVERLOADED)).await;
+        let _ = stream.shutdown().await;
+    }
 }
 
 /// Counts a client connection in the gauge for as long as it is open.
@@ -119,5 +159,20 @@ async fn admin_loop(listener: TcpListener, admin: Arc<Admin>) {
             let service = service_fn(move |req| admin.clone().handle(req));
             let _ = builder.serve_connection(TokioIo::new(stream), service).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OVERLOADED;
+
+    #[test]
+    fn overloaded_response_is_well_formed() {
+        let text = std::str::from_utf8(OVERLOADED).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let length: usize = head.lines().find_map(|l| l.strip_prefix("content-length: ")).unwrap().parse().unwrap();
+        assert_eq!(length, body.len());
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["errors"][0]["code"], "UNAVAILABLE");
     }
 }

@@ -9,6 +9,7 @@
 //! lock, no formatting. The outcome is handed to a [`BodyRecorder`] exactly once: at end of
 //! stream, on error, or when the body is dropped early.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -86,6 +87,8 @@ pub enum BodyEnd {
     SourceError,
     /// The sink stopped asking for frames before the end: the sink aborted (or gave up).
     SinkDropped,
+    /// The source sent nothing for the stall timeout: regscope cut the body off.
+    SourceStalled,
 }
 
 /// What a body did, handed over once when it ends.
@@ -133,7 +136,7 @@ impl BodyOutcome {
     pub fn aborted_by(&self) -> Option<Side> {
         match self.end {
             BodyEnd::Complete => None,
-            BodyEnd::SourceError => Some(self.direction.source()),
+            BodyEnd::SourceError | BodyEnd::SourceStalled => Some(self.direction.source()),
             BodyEnd::SinkDropped => Some(self.direction.sink()),
         }
     }
@@ -175,6 +178,38 @@ impl Capture {
     }
 }
 
+/// The error a stalled body ends with: the connection it feeds is aborted, never finished.
+#[derive(Debug, thiserror::Error)]
+#[error("no body bytes for {0:?}: the {1} stalled")]
+pub struct Stalled(pub Duration, pub &'static str);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Watches for a source that sends nothing for too long. The timer is armed once, when the
+/// source first makes us wait, and re-armed only when it fires after progress: never per frame.
+#[derive(Debug)]
+struct Watchdog {
+    timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Watchdog {
+    /// Polled while the source is pending. Ready when it has been silent for the timeout.
+    fn poll_stalled(&mut self, cx: &mut Context<'_>, last_progress: Instant) -> Poll<()> {
+        let deadline = last_progress + self.timeout;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
 /// Running totals, kept inline in the wrapper.
 #[derive(Debug, Default)]
 struct Tally {
@@ -205,6 +240,8 @@ pin_project! {
         recorder: Option<Arc<dyn BodyRecorder>>,
         // Whether the inner body has reported its last frame.
         done: bool,
+        // Cuts the body off when its source goes silent; `None` when stall detection is off.
+        watchdog: Option<Watchdog>,
     }
 
     impl<B: Body> PinnedDrop for TimedBody<B> {
@@ -238,7 +275,15 @@ impl<B: Body> TimedBody<B> {
             capture: Capture::default(),
             recorder: Some(recorder),
             done: false,
+            watchdog: None,
         }
+    }
+
+    /// Aborts the body (an error, so the peer never sees a clean end) when its source sends
+    /// nothing for `timeout`.
+    pub fn stall_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.watchdog = timeout.map(|timeout| Watchdog { timeout, sleep: None });
+        self
     }
 
     /// Keeps a copy of the body's bytes, up to `limit` (a body larger than that is not kept).
@@ -277,9 +322,10 @@ fn finish(direction: Direction, tally: &Tally, end: BodyEnd, now: Instant) -> Bo
 impl<B> Body for TimedBody<B>
 where
     B: Body,
+    B::Error: Into<BoxError>,
 {
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
@@ -295,6 +341,19 @@ where
         let Poll::Ready(item) = polled else {
             if tally.pending_since.is_none() {
                 tally.pending_since = Some(now);
+            }
+            if let Some(watchdog) = this.watchdog {
+                let last_progress = tally.last_byte.or(tally.first_poll).unwrap_or(now);
+                if watchdog.poll_stalled(cx, last_progress).is_ready() {
+                    *this.done = true;
+                    let timeout = watchdog.timeout;
+                    if let Some(recorder) = this.recorder.take() {
+                        let outcome = finish(*this.direction, tally, BodyEnd::SourceStalled, Instant::now());
+                        recorder.record(outcome, Vec::new());
+                    }
+                    let source = this.direction.source().as_str();
+                    return Poll::Ready(Some(Err(Box::new(Stalled(timeout, source)))));
+                }
             }
             return Poll::Pending;
         };
@@ -335,7 +394,7 @@ where
                 recorder.record(finish(*this.direction, tally, end, now), this.capture.take_bytes());
             }
         }
-        Poll::Ready(item)
+        Poll::Ready(item.map(|result| result.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -507,5 +566,32 @@ mod tests {
             }
             assert_eq!(rec.1.lock().unwrap()[0].len(), want, "limit {limit}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_source_is_cut_off_after_the_stall_timeout() {
+        let steps = vec![Step::Data(3), Step::Wait(ms(10_000)), Step::Data(3)];
+        let rec = Arc::new(Collect::default());
+        let body = Scripted { steps: steps.into(), sleep: None };
+        let mut body = TimedBody::new(body, Direction::Upload, None, rec.clone()).stall_timeout(Some(ms(1_000)));
+        body.frame().await.unwrap().unwrap();
+        let started = Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("client stalled"), "{err}");
+        assert_eq!(Instant::now() - started, ms(1_000));
+        let o = rec.0.lock().unwrap()[0];
+        assert_eq!((o.end, o.aborted_by()), (BodyEnd::SourceStalled, Some(Side::Client)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_but_steady_source_is_not_a_stall() {
+        let steps: Vec<Step> = (0..6).flat_map(|_| [Step::Wait(ms(600)), Step::Data(1)]).collect();
+        let rec = Arc::new(Collect::default());
+        let body = Scripted { steps: steps.into(), sleep: None };
+        let mut body = TimedBody::new(body, Direction::Download, None, rec.clone()).stall_timeout(Some(ms(1_000)));
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+        assert_eq!(rec.0.lock().unwrap()[0].end, BodyEnd::Complete);
     }
 }
