@@ -313,6 +313,19 @@ impl Metrics {
         for direction in crate::timed_body::Direction::ALL {
             self.stalled.with_label_values(&[direction.as_str()]);
         }
+        for op in crate::route::Operation::ALL {
+            for side in crate::timed_body::Side::ALL {
+                self.aborted.with_label_values(&[op.as_str(), side.as_str()]);
+            }
+        }
+        for direction in ["push", "pull"] {
+            for party in ["client", "registry", "transfer"] {
+                self.image_time_total.with_label_values(&[direction, party]);
+            }
+            for outcome in ["complete", "incomplete", "failed"] {
+                self.image_transfer.with_label_values(&[direction, outcome]);
+            }
+        }
         for kind in [
             UpstreamErrorKind::ConnectRefused,
             UpstreamErrorKind::ConnectTimeout,
