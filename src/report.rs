@@ -151,11 +151,10 @@ pub fn verdict(t: &Transfer) -> String {
 pub fn render(t: &Transfer) -> String {
     let mut s = String::new();
     let title = format!(
-        "{} {} {}{} from {} — {} ({} requests, {})",
+        "{} {} {} from {} — {} ({} requests, {})",
         t.api.as_str(),
         t.direction.as_str(),
-        t.repository,
-        t.tag.as_deref().map(|tag| format!(":{tag}")).unwrap_or_default(),
+        t.image(),
         t.client,
         t.outcome.as_str(),
         t.requests.len() as u64 + t.requests_dropped,

@@ -147,6 +147,21 @@ pub struct LiveTransfer {
     pub in_flight: Vec<LiveExchange>,
 }
 
+impl Transfer {
+    /// `repository:tag`, or the repository alone when no tag was seen.
+    pub fn image(&self) -> String {
+        image_name(&self.repository, self.tag.as_deref())
+    }
+}
+
+/// `repository:tag`, or the repository alone.
+pub fn image_name(repository: &str, tag: Option<&str>) -> String {
+    match tag {
+        Some(tag) => format!("{repository}:{tag}"),
+        None => repository.to_owned(),
+    }
+}
+
 /// Limits and timeouts of the tracker.
 #[derive(Debug, Clone, Copy)]
 pub struct TrackerConfig {

@@ -34,7 +34,7 @@ fn shares_bar(parties: &Split, wall: f64) -> String {
 }
 
 fn name(repository: &str, tag: Option<&str>) -> String {
-    escape(&format!("{repository}{}", tag.map(|t| format!(":{t}")).unwrap_or_default()))
+    escape(&crate::transfers::image_name(repository, tag))
 }
 
 /// `/`: transfers in progress (refreshing by itself), then recent ones, newest first.

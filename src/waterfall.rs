@@ -108,14 +108,7 @@ pub fn render_svg(t: &Transfer) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="monospace" font-size="11" data-wall="{wall}" data-scale="{scale}">"#,
         wall = t.wall_seconds
     );
-    let title = format!(
-        "{} {} {}{} — {:.3} s",
-        t.api.as_str(),
-        t.direction.as_str(),
-        t.repository,
-        t.tag.as_deref().map(|tag| format!(":{tag}")).unwrap_or_default(),
-        t.wall_seconds
-    );
+    let title = format!("{} {} {} — {:.3} s", t.api.as_str(), t.direction.as_str(), t.image(), t.wall_seconds);
     let _ = write!(s, r#"<text x="4" y="14" font-size="13">{}</text>"#, escape(&title));
     // Legend.
     for (i, (party, name)) in
