@@ -12,7 +12,7 @@ use crate::waterfall::{escape, render_svg, request_label, CLIENT, MOVING, REGIST
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}\
 table{border-collapse:collapse;margin-bottom:1.5em}td,th{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}\
 td.num{text-align:right;font-variant-numeric:tabular-nums}.bar{display:flex;width:240px;height:12px;background:#eee}\
-.bar span{display:block;height:12px}progress{width:240px}code{font-size:12px}";
+.bar span{display:block;height:12px}progress{width:240px}code{font-size:12px}#waterfall svg{max-width:100%;height:auto}";
 
 fn page(title: &str, refresh: Option<u32>, body: &str) -> String {
     let refresh = refresh.map(|s| format!(r#"<meta http-equiv="refresh" content="{s}">"#)).unwrap_or_default();
@@ -62,9 +62,10 @@ pub fn index(live: &[LiveTransfer], recent: &[std::sync::Arc<Transfer>]) -> Stri
                 );
             }
             for r in &t.in_flight {
+                // Docker's PATCH declares no length: show the bytes, not a bar that looks 10 % done.
                 let bar = match r.expected {
                     Some(n) if n > 0 => format!(r#"<progress value="{}" max="{n}"></progress>"#, r.bytes.min(n)),
-                    _ => "<progress></progress>".to_owned(),
+                    _ => "size unknown".to_owned(),
                 };
                 let of = r.expected.map(|n| format!(" of {}", bytes(n))).unwrap_or_default();
                 let _ = write!(

@@ -7,6 +7,7 @@
 
 use std::fmt::Write as _;
 
+use crate::route::Operation;
 use crate::timeline::{RequestView, Split};
 use crate::transfers::Transfer;
 
@@ -18,7 +19,8 @@ pub const MOVING: &str = "#00798c";
 const WIDTH: f64 = 1100.0;
 const LABEL: f64 = 330.0;
 const ROW: f64 = 20.0;
-const TOP: f64 = 46.0;
+/// Where the first row starts: below the title (line 1), the legend (line 2) and the tick labels.
+const TOP: f64 = 62.0;
 
 /// Escapes text for HTML and SVG.
 pub fn escape(text: &str) -> String {
@@ -38,11 +40,18 @@ pub fn escape(text: &str) -> String {
 
 /// A request's label: its operation and what it names.
 pub fn request_label(r: &RequestView) -> String {
-    let what = r.digest.as_deref().or(r.reference.as_deref()).or(r.upload_id.as_deref()).unwrap_or("");
+    let manifest = matches!(
+        r.operation,
+        Operation::ManifestGet | Operation::ManifestHead | Operation::ManifestPut | Operation::ManifestDelete
+    );
+    let what = if manifest { r.reference.as_deref().or(r.digest.as_deref()) } else { r.digest.as_deref() };
+    let what = what.or(r.reference.as_deref()).or(r.upload_id.as_deref()).unwrap_or("");
     let what = what.split_once(':').map_or(what, |(_, hex)| hex);
     let what = &what[..what.len().min(12)];
     let status = r.status.map_or("—".to_owned(), |s| s.to_string());
-    format!("{} {} {} {}", r.method, r.operation.as_str(), what, status)
+    let moved = r.bytes_in() + r.bytes_out();
+    let size = if moved >= 1024 { format!(" {}", crate::report::bytes(moved)) } else { String::new() };
+    format!("{} {} {} {}{size}", r.method, r.operation.as_str(), what, status)
 }
 
 /// The coloured pieces of one request, in time order: (party, start offset, seconds).
@@ -110,16 +119,16 @@ pub fn render_svg(t: &Transfer) -> String {
     );
     let title = format!("{} {} {} — {:.3} s", t.api.as_str(), t.direction.as_str(), t.image(), t.wall_seconds);
     let _ = write!(s, r#"<text x="4" y="14" font-size="13">{}</text>"#, escape(&title));
-    // Legend.
+    // Legend, on a line of its own: a long title would run into it.
     for (i, (party, name)) in
         [("client", "waiting on client"), ("registry", "waiting on registry"), ("moving", "bytes moving")]
             .into_iter()
             .enumerate()
     {
-        let x = LABEL + i as f64 * 170.0;
+        let x = 4.0 + i as f64 * 170.0;
         let _ = write!(
             s,
-            r#"<rect x="{x}" y="6" width="12" height="10" fill="{}"/><text x="{}" y="15">{name}</text>"#,
+            r#"<rect x="{x}" y="22" width="12" height="10" fill="{}"/><text x="{}" y="31">{name}</text>"#,
             colour(party),
             x + 16.0
         );
@@ -131,7 +140,7 @@ pub fn render_svg(t: &Transfer) -> String {
         let x = LABEL + tick * scale;
         let _ = write!(
             s,
-            r##"<line x1="{x:.2}" y1="{}" x2="{x:.2}" y2="{}" stroke="#ddd"/><text x="{x:.2}" y="{}" fill="#666">{}</text>"##,
+            r##"<line x1="{x:.2}" y1="{}" x2="{x:.2}" y2="{}" stroke="#ddd"/><text x="{x:.2}" y="{}" fill="#666" text-anchor="middle">{}</text>"##,
             TOP - 8.0,
             height - 30.0,
             TOP - 10.0,
@@ -149,6 +158,15 @@ pub fn render_svg(t: &Transfer) -> String {
             r.end,
             y + 13.0,
             escape(&request_label(r))
+        );
+        // A faint span under the segments keeps sub-pixel requests visible; not a segment.
+        let _ = write!(
+            s,
+            r##"<rect class="span" x="{:.3}" y="{:.1}" width="{:.3}" height="{:.1}" fill="#ccc"/>"##,
+            LABEL + r.start * scale,
+            y + 3.0,
+            (r.duration() * scale).max(2.0),
+            ROW - 6.0
         );
         for (party, from, seconds) in pieces(r) {
             let _ = write!(
@@ -220,7 +238,6 @@ fn format_seconds(t: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::Operation;
     use crate::timed_body::BodyEnd;
     use crate::timeline::BodyView;
 

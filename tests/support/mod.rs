@@ -8,7 +8,9 @@
 //! test binary does not use are expected; hence the allowances below.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod client;
+pub mod hostile;
 mod docker;
 mod image;
 mod net;
