@@ -169,6 +169,8 @@ pub struct TrackerConfig {
     pub keep_finished: usize,
     pub max_open: usize,
     pub max_requests: usize,
+    /// Requests kept across all open sessions: bounds memory however many clients misbehave.
+    pub max_total_requests: usize,
 }
 
 impl Default for TrackerConfig {
@@ -178,6 +180,7 @@ impl Default for TrackerConfig {
             keep_finished: 1000,
             max_open: 4096,
             max_requests: 4096,
+            max_total_requests: 65_536,
         }
     }
 }
@@ -243,6 +246,17 @@ struct State {
     in_flight_keys: HashMap<u64, Key>,
     finished: VecDeque<Arc<Transfer>>,
     next_id: u64,
+    /// Requests held by open sessions, against `max_total_requests`.
+    held_requests: usize,
+}
+
+impl State {
+    /// Closes a session, giving back the requests it held.
+    fn remove(&mut self, key: &Key) -> Option<Session> {
+        let session = self.open.remove(key)?;
+        self.held_requests -= session.records.len();
+        Some(session)
+    }
 }
 
 /// Groups exchanges into transfers. See the module docs.
@@ -357,7 +371,7 @@ impl Tracker {
                 .filter(|(_, s)| s.in_flight.is_empty() && now.saturating_duration_since(s.last_activity) >= idle)
                 .map(|(k, _)| k.clone())
                 .collect();
-            keys.into_iter().filter_map(|k| state.open.remove(&k).map(|s| (k, s))).collect()
+            keys.into_iter().filter_map(|k| state.remove(&k).map(|s| (k, s))).collect()
         };
         for (key, session) in expired {
             self.finish(key, session, true);
@@ -408,7 +422,7 @@ impl Tracker {
                 .min_by_key(|(_, s)| s.last_activity)
                 .map(|(k, _)| k.clone())
             {
-                evicted = state.open.remove(&oldest).map(|s| (oldest, s));
+                evicted = state.remove(&oldest).map(|s| (oldest, s));
             }
         }
         let session = state.open.entry(key.clone()).or_insert_with(|| Session::new(api, now));
@@ -509,15 +523,19 @@ impl ExchangeSink for Tracker {
             session.last_activity = now;
             session.base = session.base.min(record.received);
             update(session, &record, parsed_manifest, ancestry);
-            if session.records.len() < self.config.max_requests {
+            let room = state.held_requests < self.config.max_total_requests;
+            let session = state.open.get_mut(&key).expect("the session was just looked up");
+            if session.records.len() < self.config.max_requests && room {
                 let mut record = record;
                 record.captured = None;
                 session.records.push(record);
+                state.held_requests += 1;
             } else {
                 session.dropped += 1;
             }
+            let session = state.open.get(&key).expect("the session is still open");
             match session.outcome {
-                Some(_) if session.in_flight.is_empty() => state.open.remove(&key).map(|s| (key, s)),
+                Some(_) if session.in_flight.is_empty() => state.remove(&key).map(|s| (key, s)),
                 _ => None,
             }
         };
@@ -757,4 +775,120 @@ pub fn spawn_sweeper(tracker: &Arc<Tracker>) {
             tracker.sweep(Instant::now());
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exchange::ResponseInfo;
+    use crate::timed_body::{BodyEnd, BodyOutcome, Direction};
+
+    fn record(id: u64, op: Operation, repo: &str, at: Instant, secs: f64, status: u16) -> ExchangeRecord {
+        let end = at + Duration::from_secs_f64(secs);
+        ExchangeRecord {
+            id,
+            api: op.api(),
+            operation: op,
+            method: http::Method::GET,
+            repository: Some(repo.into()),
+            reference: None,
+            digest: None,
+            upload_id: None,
+            client: "10.0.0.7:40000".parse().unwrap(),
+            status: Some(status),
+            started_wall: SystemTime::now(),
+            received: at,
+            forwarded: Some(at),
+            response_head: Some(end),
+            ended: end,
+            upload: None,
+            download: None,
+            upstream_error: None,
+            response_info: ResponseInfo::default(),
+            captured: None,
+        }
+    }
+
+    fn body(direction: Direction, bytes: u64, from: Instant, to: Instant) -> Option<BodyOutcome> {
+        Some(BodyOutcome {
+            direction,
+            bytes,
+            frames: 1,
+            first_poll: Some(from),
+            first_byte: Some(from),
+            last_byte: Some(to),
+            ended: to,
+            source_wait: Duration::ZERO,
+            sink_wait: Duration::ZERO,
+            end: BodyEnd::Complete,
+        })
+    }
+
+    fn tracker(config: TrackerConfig) -> Tracker {
+        Tracker::new(config, Arc::new(Metrics::new(0)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_docker_style_push_becomes_one_complete_transfer() {
+        let t = tracker(TrackerConfig::default());
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        let mut post = record(1, Operation::UploadStart, "team/app", at(0.0), 0.1, 202);
+        post.response_info.upload_uuid = Some("u-1".into());
+        let mut patch = record(2, Operation::UploadChunk, "team/app", at(0.2), 2.0, 202);
+        patch.upload_id = Some("u-1".into());
+        patch.upload = body(Direction::Upload, 1000, at(0.2), at(2.1));
+        let mut put = record(3, Operation::UploadFinish, "team/app", at(2.3), 0.2, 201);
+        put.upload_id = Some("u-1".into());
+        put.digest = Some("sha256:aa".into());
+        let mut manifest = record(4, Operation::ManifestPut, "team/app", at(2.6), 0.1, 201);
+        manifest.reference = Some("v1".into());
+        manifest.captured = Some(
+            br#"{"config":{"digest":"sha256:cc","size":5},"layers":[{"digest":"sha256:aa","size":1000}]}"#.to_vec(),
+        );
+        for r in [post, patch, put] {
+            t.finished(r);
+            assert!(t.recent(10).is_empty(), "not over before the manifest");
+        }
+        t.finished(manifest);
+        let done = t.recent(10);
+        assert_eq!(done.len(), 1);
+        let push = &done[0];
+        assert_eq!(
+            (push.direction, push.outcome, push.tag.as_deref()),
+            (TransferDirection::Push, Outcome::Complete, Some("v1"))
+        );
+        assert_eq!(push.blobs.len(), 1);
+        let blob = &push.blobs[0];
+        assert_eq!((blob.digest.as_deref(), blob.kind, blob.bytes), (Some("sha256:aa"), Some(BlobKind::Layer), 1000));
+        assert_eq!(blob.outcome, BlobOutcome::Committed);
+        assert!((push.parties.total() - push.wall_seconds).abs() < 1e-9);
+        assert_eq!(push.client, "10.0.0.7");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_sessions_close_as_incomplete_and_memory_stays_bounded() {
+        let config = TrackerConfig { max_requests: 10, max_total_requests: 25, ..TrackerConfig::default() };
+        let t = tracker(config);
+        let t0 = Instant::now();
+        for i in 0..40u64 {
+            let repo = format!("r{}", i % 2);
+            t.finished(record(i, Operation::BlobGet, &repo, t0, 0.01, 200));
+        }
+        assert_eq!(t.lock().held_requests, 20, "each session keeps at most max_requests");
+        t.finished(record(100, Operation::BlobGet, "r3", t0, 0.01, 200));
+        t.finished(record(101, Operation::BlobGet, "r4", t0, 0.01, 200));
+        t.finished(record(102, Operation::BlobGet, "r5", t0, 0.01, 200));
+        t.finished(record(103, Operation::BlobGet, "r6", t0, 0.01, 200));
+        t.finished(record(104, Operation::BlobGet, "r7", t0, 0.01, 200));
+        t.finished(record(105, Operation::BlobGet, "r8", t0, 0.01, 200));
+        assert_eq!(t.lock().held_requests, 25, "never more than max_total_requests");
+        t.sweep(t0 + Duration::from_secs(121));
+        assert_eq!(t.lock().held_requests, 0);
+        let closed = t.recent(100);
+        assert_eq!(closed.len(), 8);
+        assert!(closed.iter().all(|c| c.outcome == Outcome::Incomplete));
+        let r0 = closed.iter().find(|c| c.repository == "r0").unwrap();
+        assert_eq!((r0.requests.len(), r0.requests_dropped), (10, 10));
+    }
 }
