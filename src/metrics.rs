@@ -180,7 +180,7 @@ impl Metrics {
             ),
             body_transfer: histogram(
                 "regscope_body_transfer_seconds",
-                "First to last byte of each body that carried data.",
+                "First poll (the sink asking for data) to last byte of each body that carried data.",
                 DURATION_BUCKETS,
                 &["api", "operation", "direction"],
             ),

@@ -10,8 +10,8 @@
 
 pub mod browser;
 pub mod client;
-pub mod hostile;
 mod docker;
+pub mod hostile;
 mod image;
 mod net;
 mod process;
