@@ -28,6 +28,7 @@ pub mod proxy;
 pub mod report;
 pub mod route;
 pub mod server;
+pub mod socket;
 pub mod timed_body;
 pub mod timeline;
 pub mod tls;

@@ -21,6 +21,11 @@ fn short(id: &str) -> &str {
     &hex[..hex.len().min(12)]
 }
 
+/// A digest, or a v1 image id (64 hex digits): shown shortened. Tags are shown whole.
+fn is_id(reference: &str) -> bool {
+    reference.contains(':') || (reference.len() == 64 && reference.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn blob_name(blob: &Blob, index: usize) -> String {
     let kind = match blob.kind {
         Some(BlobKind::Config) => "config".to_owned(),
@@ -90,7 +95,7 @@ pub fn rows(t: &Transfer) -> Vec<Row> {
             Operation::V1AncestryGet => "get ancestry",
             _ => continue,
         };
-        let reference = r.reference.as_deref().map(|x| if x.contains(':') { short(x) } else { x }).unwrap_or("");
+        let reference = r.reference.as_deref().map(|x| if is_id(x) { short(x) } else { x }).unwrap_or("");
         let row =
             Row { operation: format!("{label} {reference}").trim_end().to_owned(), seconds: r.duration(), split: None };
         out.push((r.start, 0, row));

@@ -83,7 +83,7 @@ pub async fn run(
             },
             () = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
+        crate::socket::tune(&stream);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tokio::spawn(refuse_overloaded(stream, proxy_listener.tls.is_some()));
             continue;

@@ -130,6 +130,10 @@ where
         Box::pin(async move {
             let io = connecting.await.map_err(Into::into)?;
             histogram.observe(started.elapsed().as_secs_f64());
+            crate::socket::tune(match &io {
+                MaybeHttpsStream::Http(tcp) => tcp.inner(),
+                MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().inner(),
+            });
             open.inc();
             Ok(CountedIo { io, open: Arc::new(open) })
         })
