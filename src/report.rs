@@ -29,7 +29,7 @@ fn is_id(reference: &str) -> bool {
 fn blob_name(blob: &Blob, index: usize) -> String {
     let kind = match blob.kind {
         Some(BlobKind::Config) => "config".to_owned(),
-        Some(BlobKind::Layer) | None => format!("layer {}", index + 1),
+        Some(BlobKind::Layer) | None => format!("layer {}", blob.layer.unwrap_or(index + 1)),
     };
     match &blob.digest {
         Some(d) => format!("{kind} {}", short(d)),
@@ -259,6 +259,7 @@ mod tests {
                 kind: Some(BlobKind::Layer),
                 bytes: 37_124_367,
                 declared_size: None,
+                layer: Some(1),
                 outcome: BlobOutcome::Committed,
                 start: 0.0,
                 end: 10.0,

@@ -96,6 +96,9 @@ pub struct Blob {
     pub bytes: u64,
     /// The size the manifest declares, when one was seen.
     pub declared_size: Option<u64>,
+    /// Its 1-based position among the manifest's layers, when a manifest was seen.
+    #[serde(default)]
+    pub layer: Option<usize>,
     pub outcome: BlobOutcome,
     /// First request in, last response out, as offsets from the transfer's start.
     pub start: f64,
@@ -669,6 +672,14 @@ fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transfer {
     }
 }
 
+/// A blob's 1-based position among the manifest's layers, so a layer has the same number in
+/// the push and the pull of one image.
+fn layer_number(expected: &[BlobRef], digest: Option<&str>) -> Option<usize> {
+    let digest = digest?;
+    let mut layers = expected.iter().filter(|b| b.kind == BlobKind::Layer);
+    layers.position(|b| b.digest == digest).map(|i| i + 1)
+}
+
 fn kind_and_size(expected: &[BlobRef], digest: Option<&str>) -> (Option<BlobKind>, Option<u64>) {
     digest.and_then(|d| expected.iter().find(|b| b.digest == d)).map_or((None, None), |b| (Some(b.kind), b.size))
 }
@@ -705,6 +716,7 @@ fn push_blobs(requests: &[RequestView], expected: &[BlobRef], idle_closed: bool)
             Blob {
                 kind,
                 declared_size,
+                layer: layer_number(expected, digest.as_deref()),
                 bytes: phases.bytes,
                 outcome: upload_outcome(&members, idle_closed).into(),
                 start: members.iter().map(|r| r.start).fold(f64::INFINITY, f64::min),
@@ -734,6 +746,7 @@ fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<Blob> {
             None => {
                 let (kind, declared_size) = kind_and_size(expected, Some(&id));
                 blobs.push(Blob {
+                    layer: layer_number(expected, Some(&id)),
                     digest: Some(id),
                     kind,
                     bytes: 0,
