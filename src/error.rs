@@ -22,6 +22,10 @@ pub enum ProxyError {
     MethodNotAllowed(String),
     #[error("service overloaded: {0}")]
     Overloaded(&'static str),
+    /// The client's own body broke off (closed, malformed, or silent past the stall timeout):
+    /// the upstream request was aborted, and the registry is not to blame.
+    #[error("the request body was cut off by the client ({0}); the registry received an aborted request")]
+    ClientAborted(&'static str),
 }
 
 /// Start-up failures: configuration that cannot work.
@@ -48,6 +52,8 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ClientAborted("stalled") => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientAborted(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -59,6 +65,7 @@ impl ProxyError {
             }
             ProxyError::BadRequest(_) => "UNSUPPORTED",
             ProxyError::MethodNotAllowed(_) => "UNSUPPORTED",
+            ProxyError::ClientAborted(_) => "UNKNOWN",
         }
     }
 

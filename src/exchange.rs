@@ -250,6 +250,11 @@ impl Exchange {
         let _ = self.upstream_error.set(kind);
     }
 
+    /// How the request body ended, if it has.
+    pub fn upload_end(&self) -> Option<crate::timed_body::BodyEnd> {
+        self.upload.get().map(|u| u.end)
+    }
+
     /// When the request body's life ended (fully forwarded, or cut off), if it has.
     pub fn upload_ended(&self) -> Option<Instant> {
         self.upload.get().map(|u| u.ended)

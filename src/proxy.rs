@@ -20,7 +20,7 @@ use crate::exchange::{Exchange, Recorders, ResponseInfo};
 use crate::headers::{self, ClientView, HostMode, Origin};
 use crate::manifest;
 use crate::route::{classify, Operation, Route};
-use crate::timed_body::{Direction, TimedBody};
+use crate::timed_body::{BodyEnd, Direction, TimedBody};
 use crate::upstream::{UpstreamClient, UpstreamTarget};
 
 /// The body of every response regscope sends: the registry's, streamed and timed, or one of
@@ -94,10 +94,16 @@ impl Proxy {
             Err(error) => {
                 if let Some(kind) = error.upstream_kind() {
                     exchange.mark_upstream_error(kind);
+                    tracing::warn!(id = exchange.id(), error = %error, "upstream failure");
                 }
-                tracing::warn!(id = exchange.id(), error = %error, "upstream failure");
                 exchange.set_status(error.status().as_u16());
-                error.to_response().map(Either::Right)
+                let mut response = error.to_response().map(Either::Right);
+                // An unread or broken request body leaves the connection unusable: say so, so
+                // the client does not send its next request into a closing socket.
+                if exchange.upload_end() != Some(BodyEnd::Complete) {
+                    response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                }
+                response
             }
         })
     }
@@ -166,9 +172,14 @@ impl Proxy {
             let deadline = exchange.upload_ended().map(|t| t + self.response_timeout);
             tokio::select! {
                 result = &mut response => {
-                    return result.map_err(|e| {
-                        let (kind, cause) = classify_client_error(&e);
-                        ProxyError::Unreachable { upstream: self.upstream.display.clone(), kind, cause }
+                    return result.map_err(|e| match exchange.upload_end() {
+                        // The client's body broke first; the upstream error is only its echo.
+                        Some(BodyEnd::SourceStalled) => ProxyError::ClientAborted("stalled"),
+                        Some(BodyEnd::SourceError) => ProxyError::ClientAborted("closed or malformed"),
+                        _ => {
+                            let (kind, cause) = classify_client_error(&e);
+                            ProxyError::Unreachable { upstream: self.upstream.display.clone(), kind, cause }
+                        }
                     });
                 }
                 _ = exchange.upload_done.notified(), if deadline.is_none() => continue,

@@ -65,7 +65,8 @@ pub async fn run(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
-    let builder = Arc::new(builder);
+    let builders = Arc::new(Builders { h1: builder.clone().http1_only(), h2: builder.http2_only() });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
 
     let admin_task = tokio::spawn(admin_loop(admin_listener, admin.clone()));
@@ -90,26 +91,52 @@ pub async fn run(
         };
         let conn = ConnInfo { peer, tls: proxy_listener.tls.is_some() };
         let watcher = graceful.watcher();
-        let (tls, proxy, builder) = (proxy_listener.tls.clone(), proxy.clone(), builder.clone());
+        let (tls, proxy, builders) = (proxy_listener.tls.clone(), proxy.clone(), builders.clone());
+        let mut stop = stop_rx.clone();
+        let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let _slot = slot;
             let _open = OpenConnection::new(proxy.recorders.metrics.connection_gauge(Side::Client));
             let service = service_fn(move |req| proxy.clone().handle(req, conn));
+            // Until a client has said which protocol it speaks it is not served; a silent one is
+            // closed after the header timeout, and shutdown does not wait for it.
             let result = match tls {
-                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
-                    Ok(Err(error)) => return tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
-                },
+                None => {
+                    let h2 = tokio::select! {
+                        h2 = speaks_h2(&stream, header_read_timeout) => h2,
+                        _ = stop.changed() => return,
+                    };
+                    let Some(h2) = h2 else {
+                        return tracing::debug!(peer = %conn.peer, "no request head in time");
+                    };
+                    let builder = if h2 { &builders.h2 } else { &builders.h1 };
+                    watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await
+                }
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let accepted = tokio::select! {
+                        accepted = handshake => accepted,
+                        _ = stop.changed() => return,
+                    };
+                    let stream = match accepted {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => return tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+                    };
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let builder = if h2 { &builders.h2 } else { &builders.h1 };
+                    watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await
+                }
             };
             if let Err(error) = result {
                 tracing::debug!(peer = %conn.peer, %error, "connection ended with an error");
             }
         });
     }
-    drop(proxy_listener);
+    // Readiness flips first, so nobody sees a closed port while /readyz still says ready.
     admin.set_draining();
+    drop(proxy_listener);
+    let _ = stop_tx.send(true);
     tracing::info!(connections = graceful.count(), "shutting down: no longer accepting, draining");
     let grace = limits.grace;
     tokio::select! {
@@ -117,6 +144,36 @@ pub async fn run(
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over, exiting with requests in flight"),
     }
     admin_task.abort();
+}
+
+/// One builder per protocol: the protocol is decided before serving (ALPN, or the first bytes),
+/// so hyper never sniffs a silent connection without a deadline.
+struct Builders {
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
+/// Whether a plain connection opens with the HTTP/2 preface (`PRI * HTTP/2.0`), from its first
+/// bytes; `None` if it closes or sends too little within `within`.
+async fn speaks_h2(stream: &tokio::net::TcpStream, within: Duration) -> Option<bool> {
+    const PREFACE: &[u8] = b"PRI ";
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await.ok()?.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != PREFACE[..n] {
+            return Some(false);
+        }
+        if n == PREFACE.len() {
+            return Some(true);
+        }
+        // Still a prefix of the preface: a byte-at-a-time sender. Peek returns at once while
+        // bytes are waiting, so pause before looking again.
+        tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(10))).await.ok()?;
+    }
 }
 
 /// Answers a connection beyond the limit with a registry-style 503 and closes it. Over TLS

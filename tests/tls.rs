@@ -205,7 +205,10 @@ fn blobs_go_through_regscope_to_an_https_registry_sending_the_upstream_host() {
 
 fn blob_round_trip_via_https_registry(host_header: &str) {
     let pki = Pki::generate();
-    let registry = Registry::start_with(RegistryOptions { tls: Some((pki.cert_pem.clone(), pki.key_pem.clone())) });
+    let registry = Registry::start_with(RegistryOptions {
+        tls: Some((pki.cert_pem.clone(), pki.key_pem.clone())),
+        ..Default::default()
+    });
     let upstream = registry.url();
     assert!(upstream.starts_with("https://"), "{upstream}");
     let regscope =
@@ -224,7 +227,10 @@ fn blob_round_trip_via_https_registry(host_header: &str) {
 #[test]
 fn an_https_registry_signed_by_an_untrusted_ca_is_a_502_with_a_registry_error() {
     let pki = Pki::generate();
-    let registry = Registry::start_with(RegistryOptions { tls: Some((pki.cert_pem.clone(), pki.key_pem.clone())) });
+    let registry = Registry::start_with(RegistryOptions {
+        tls: Some((pki.cert_pem.clone(), pki.key_pem.clone())),
+        ..Default::default()
+    });
     let upstream = registry.url();
     // No --upstream-ca: only the system roots, which never signed this certificate.
     let regscope = Regscope::start(&["--upstream", &upstream]);

@@ -16,6 +16,9 @@ use super::process::TempDir;
 pub struct RegistryOptions {
     /// PEM certificate and key: the registry then serves HTTPS only.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// An htpasswd file (bcrypt entries): the registry then wants HTTP Basic auth (`auth:
+    /// htpasswd:`), answering 401 with `WWW-Authenticate: Basic realm=…` without it.
+    pub htpasswd: Option<PathBuf>,
 }
 
 /// One request as the registry's access log recorded it.
@@ -95,7 +98,10 @@ impl Registry {
 
     /// Everything the registry printed so far (its own log and the access log), for failure messages.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+        // Lossy: a test that sends non-UTF-8 bytes in a path must not blank the whole log.
+        std::fs::read(self.dir.path().join("registry.log"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     /// Every request the registry has answered so far, in the order it logged them.
@@ -105,6 +111,36 @@ impl Registry {
     /// A client can see its response before that line is written: poll with `eventually`.
     pub fn served_requests(&self) -> Vec<LoggedRequest> {
         self.log_text().lines().filter_map(parse_access_line).collect()
+    }
+}
+
+impl Registry {
+    /// Kills the registry process, as a crash would; its config and storage stay for [`restart`].
+    ///
+    /// [`restart`]: Registry::restart
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again on the same address, with the same config and storage, and waits
+    /// until it accepts connections. Its log is appended to, so `served_requests` keeps the
+    /// requests of before the restart. Panics if it cannot start (e.g. the port was taken).
+    pub fn restart(&mut self) {
+        self.stop();
+        let log_path = self.dir.path().join("registry.log");
+        let log = OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        self.child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("respawn docker-registry: {e}"));
+        if let Err(why) = wait_ready(&mut self.child, self.addr, Duration::from_secs(20)) {
+            panic!("docker-registry did not restart on {}: {why}\n{}", self.addr, self.log_text());
+        }
     }
 }
 
@@ -140,6 +176,9 @@ fn config_yaml(dir: &Path, addr: SocketAddr, opts: &RegistryOptions) -> String {
     );
     if let Some((cert, key)) = &opts.tls {
         yaml += &format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display());
+    }
+    if let Some(htpasswd) = &opts.htpasswd {
+        yaml += &format!("auth:\n  htpasswd:\n    realm: regscope-test\n    path: {}\n", htpasswd.display());
     }
     yaml
 }
