@@ -1,5 +1,5 @@
 //! Load: 1000 concurrent client connections pull blobs of 256 KiB to 4 MiB and push small blobs for
-//! 30 s (the issue allows 30 s instead of 60 s to keep the suite short on two cores), first straight
+//! 60 s, first straight
 //! at the registry, then through regscope. Through regscope there is no error that direct access
 //! does not also give, every byte arrives with the right digest, regscope's metrics count exactly
 //! what the clients saw, its peak RSS stays under 256 MiB, and afterwards it is back where it
@@ -24,7 +24,7 @@ use support::hostile::open_fds;
 use support::{eventually, metric_sum, Registry, Regscope};
 
 const CONNECTIONS: usize = 1000;
-const RUN: Duration = Duration::from_secs(30);
+const RUN: Duration = Duration::from_secs(60);
 /// Connections open over this long at the start, so the accept backlogs are not the test.
 const RAMP: Duration = Duration::from_secs(2);
 /// No single request may take longer: a hang fails the run instead of stalling it.
