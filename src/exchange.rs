@@ -309,9 +309,10 @@ impl Drop for Exchange {
             .max()
             .unwrap_or_else(Instant::now);
 
+        // Log first: whoever sees the metrics move can then find the event.
+        log(&record, &self.log_path);
         self.recorders.metrics.in_flight.with_label_values(&[record.api.as_str()]).dec();
         observe(&self.recorders.metrics, &record);
-        log(&record, &self.log_path);
         self.recorders.sink.finished(record);
     }
 }

@@ -252,7 +252,16 @@ fn an_upload_whose_client_stops_sending_is_cut_off_and_nothing_is_committed() {
             stalled(&regscope, "upload")
         );
         assert_eq!(stalled(&regscope, "download"), 0.0);
-        let event = regscope.events("request").pop().unwrap();
+        // Logged as the metric is counted, but read from regscope's stderr by a thread.
+        let logged = |regscope: &Regscope| {
+            regscope.events("request").iter().filter(|e| e["fields"]["aborted"] == "client").count()
+        };
+        assert!(
+            eventually(Duration::from_secs(5), || logged(&regscope) == round + 1),
+            "{framing:?}: the stalled request's event"
+        );
+        let event =
+            regscope.events("request").into_iter().filter(|e| e["fields"]["aborted"] == "client").last().unwrap();
         assert_eq!(event["fields"]["operation"], "upload_finish", "{event}");
         assert_eq!(event["fields"]["aborted"], "client", "the stall is the client's: {event}");
     }

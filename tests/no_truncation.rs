@@ -215,6 +215,11 @@ fn a_registry_that_dies_mid_download_never_yields_a_complete_response() {
         "regscope_aborted_requests_total{{blob_get,registry}} after the cut:\n{}",
         regscope.metrics_text()
     );
+    // The event is logged as the metric is counted, but read from regscope's stderr by a thread.
+    assert!(
+        eventually(Duration::from_secs(5), || !regscope.events("request").is_empty()),
+        "a request event for the GET"
+    );
     let event = regscope.events("request").pop().expect("a request event for the GET");
     assert_eq!(event["fields"]["aborted"], "registry", "{event}");
 }
