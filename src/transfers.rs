@@ -551,6 +551,23 @@ impl ExchangeSink for Tracker {
     }
 }
 
+/// Blobs a session expects, each once and at most `MAX_EXPECTED`: a client that fetches the same
+/// manifest over and over must not grow the session.
+fn expect(s: &mut Session, blobs: Vec<BlobRef>) {
+    for blob in blobs {
+        if s.expected.len() >= MAX_EXPECTED {
+            return;
+        }
+        if !s.expected.iter().any(|b| b.digest == blob.digest) {
+            s.expected.push(blob);
+        }
+    }
+}
+
+/// Blobs one transfer may expect: far above any real image (a few hundred layers), far below
+/// what would matter for memory.
+const MAX_EXPECTED: usize = 4096;
+
 /// Applies one finished request to its session: what it tells about the transfer's end.
 fn update(
     s: &mut Session,
@@ -564,7 +581,7 @@ fn update(
     match r.operation {
         ManifestPut => {
             if let Some(refs) = manifest {
-                s.expected.extend(refs.blobs);
+                expect(s, refs.blobs);
             }
             if ok {
                 if let Some(tag) = by_tag {
@@ -584,7 +601,7 @@ fn update(
             if let Some(refs) = manifest {
                 if !refs.blobs.is_empty() {
                     s.manifests_seen += 1;
-                    s.expected.extend(refs.blobs);
+                    expect(s, refs.blobs);
                 }
             }
             // A missing tag or manifest ends a pull that has nothing else going on. A failed
@@ -903,5 +920,21 @@ mod tests {
         assert!(closed.iter().all(|c| c.outcome == Outcome::Incomplete));
         let r0 = closed.iter().find(|c| c.repository == "r0").unwrap();
         assert_eq!((r0.requests.len(), r0.requests_dropped), (10, 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn polling_one_manifest_does_not_grow_the_session() {
+        let t = tracker(TrackerConfig::default());
+        let t0 = Instant::now();
+        let body = br#"{"config":{"digest":"sha256:c","size":1},"layers":[{"digest":"sha256:l","size":2}]}"#;
+        for id in 0..1000 {
+            let mut get = record(id, Operation::ManifestGet, "polled", t0, 0.001, 200);
+            get.reference = Some("latest".into());
+            get.captured = Some(body.to_vec());
+            t.finished(get);
+        }
+        let state = t.lock();
+        let session = state.open.values().next().unwrap();
+        assert_eq!(session.expected.len(), 2);
     }
 }
