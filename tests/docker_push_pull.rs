@@ -29,8 +29,7 @@ fn docker_push_then_pull_through_regscope_gives_back_the_same_image() {
     assert_eq!(docker.image_id(&reference), image.image_id, "pulled image differs from the pushed one");
 
     // The pull fetched the config and every layer from the registry, and through regscope.
-    let at_registry =
-        blob_gets(registry.served_requests().into_iter().map(|r| (r.method, r.path, r.status)));
+    let at_registry = blob_gets(registry.served_requests().into_iter().map(|r| (r.method, r.path, r.status)));
     assert_eq!(at_registry.len(), image.layers.len() + 1, "blob GETs the registry served: {at_registry:?}");
     let proxied = || blob_gets(regscope.request_log().into_iter().map(|r| (r.method, r.path, r.status)));
     assert!(

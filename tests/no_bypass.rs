@@ -39,7 +39,13 @@ fn every_registry_request_goes_through_regscope(host_header: &str) {
     let remote = format!("docker://{proxy}/regscope-test/no-bypass-skopeo:{host_header}");
     let out = TempDir::new("no-bypass");
     skopeo(&["copy", "--quiet", "--dest-tls-verify=false", &other.skopeo_source(), &remote]);
-    skopeo(&["copy", "--quiet", "--src-tls-verify=false", &remote, &format!("dir:{}", out.path().join("copy").display())]);
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &remote,
+        &format!("dir:{}", out.path().join("copy").display()),
+    ]);
 
     // Both sides write their line after the client has its response: wait for them to agree.
     let served = || sorted(registry.served_requests());
