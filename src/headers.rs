@@ -8,7 +8,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the
 /// non-standard `Proxy-Connection` and `Keep-Alive`). `Expect` is answered by our own server
 /// (hyper sends `100 Continue` when we start reading the body), so it is not forwarded either.
-const HOP_BY_HOP: &[&str] = &[
+pub const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -190,7 +190,7 @@ pub fn rewrite_location(location: &str, upstream: &Origin<'_>, client: &Origin<'
 }
 
 /// Query parameters whose values are secrets or signed state: never logged.
-const SECRET_PARAMS: &[&str] = &["_state", "token", "access_token", "refresh_token", "password"];
+pub const SECRET_PARAMS: &[&str] = &["_state", "token", "access_token", "refresh_token", "password"];
 
 /// A path and query fit for a log: secret query values replaced by `REDACTED`.
 pub fn redact_path(path_and_query: &str) -> std::borrow::Cow<'_, str> {

@@ -13,23 +13,9 @@ use http::Method;
 use libfuzzer_sys::fuzz_target;
 use regscope::headers::{
     forward_request_headers, forward_response_headers, redact_path, rewrite_location, strip_hop_by_hop, ClientView,
-    HostMode, Origin,
+    HostMode, Origin, HOP_BY_HOP, SECRET_PARAMS,
 };
 use regscope::route::{classify, is_repository_name, percent_decode, Operation, Route};
-
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "expect",
-];
-const SECRET_PARAMS: &[&str] = &["_state", "token", "access_token", "refresh_token", "password"];
 
 fuzz_target!(|data: &[u8]| {
     let mut lines = data.split(|&b| b == b'\n');

@@ -349,28 +349,9 @@ pub fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>)> {
         .collect()
 }
 
-/// Parses `a="x",b="y \"z\""` into unescaped pairs.
+/// Label pairs as a map; the parsing is the harness's own (`regscope::parse_labels`).
 fn parse_labels(text: &str) -> Option<BTreeMap<String, String>> {
-    let mut pairs = BTreeMap::new();
-    let mut rest = text.trim_start_matches(',');
-    while !rest.is_empty() {
-        let (key, after) = rest.split_once("=\"")?;
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            match chars.next()? {
-                (i, '"') => break i,
-                (_, '\\') => match chars.next()?.1 {
-                    'n' => value.push('\n'),
-                    c => value.push(c),
-                },
-                (_, c) => value.push(c),
-            }
-        };
-        pairs.insert(key.trim().to_string(), value);
-        rest = after[end + 1..].trim_start_matches(',');
-    }
-    Some(pairs)
+    super::regscope::parse_labels(text).map(|pairs| pairs.into_iter().collect())
 }
 
 /// Every value label `label` takes anywhere in the exposition, with the families it appears in.

@@ -190,7 +190,7 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// Parses `a="x",b="y \"z\""` into unescaped pairs.
-fn parse_labels(text: &str) -> Option<Vec<(String, String)>> {
+pub(super) fn parse_labels(text: &str) -> Option<Vec<(String, String)>> {
     let mut pairs = Vec::new();
     let mut rest = text.trim_start_matches(',');
     while !rest.is_empty() {
