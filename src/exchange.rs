@@ -201,10 +201,6 @@ impl Exchange {
         &self.record
     }
 
-    pub fn received(&self) -> Instant {
-        self.record.received
-    }
-
     pub fn set_upload_expected(&self, length: u64) {
         let _ = self.upload_expected.set(length);
     }

@@ -260,8 +260,7 @@ fn an_upload_whose_client_stops_sending_is_cut_off_and_nothing_is_committed() {
             eventually(Duration::from_secs(5), || logged(&regscope) == round + 1),
             "{framing:?}: the stalled request's event"
         );
-        let event =
-            regscope.events("request").into_iter().filter(|e| e["fields"]["aborted"] == "client").last().unwrap();
+        let event = regscope.events("request").into_iter().rfind(|e| e["fields"]["aborted"] == "client").unwrap();
         assert_eq!(event["fields"]["operation"], "upload_finish", "{event}");
         assert_eq!(event["fields"]["aborted"], "client", "the stall is the client's: {event}");
     }
