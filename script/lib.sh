@@ -50,6 +50,8 @@ rs_install_packages() {
     for cmd in "${!wanted[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
     done
+    # Chromium's screenshots need a font; not a command, so asked of dpkg.
+    dpkg -s fonts-dejavu-core >/dev/null 2>&1 || missing+=(fonts-dejavu-core)
     [ "${#missing[@]}" -eq 0 ] && return 0
     rs_log "installing ${missing[*]}"
     # Packages must not start their system services (a registry on :5000, a system dockerd): keep
