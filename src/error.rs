@@ -20,12 +20,28 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("method {0} is not supported: regscope is a registry proxy, not a forward proxy")]
     MethodNotAllowed(String),
-    #[error("service overloaded: {0}")]
-    Overloaded(&'static str),
     /// The client's own body broke off (closed, malformed, or silent past the stall timeout):
     /// the upstream request was aborted, and the registry is not to blame.
     #[error("the request body was cut off by the client ({0}); the registry received an aborted request")]
-    ClientAborted(&'static str),
+    ClientAborted(ClientFault),
+}
+
+/// How a client broke off its request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFault {
+    /// It sent nothing for the stall timeout.
+    Stalled,
+    /// It closed the connection or sent a malformed body.
+    Broken,
+}
+
+impl std::fmt::Display for ClientFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClientFault::Stalled => "stalled",
+            ClientFault::Broken => "closed or malformed",
+        })
+    }
 }
 
 /// Start-up failures: configuration that cannot work.
@@ -51,18 +67,15 @@ impl ProxyError {
             ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::ClientAborted("stalled") => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::ClientAborted(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientAborted(ClientFault::Stalled) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientAborted(ClientFault::Broken) => StatusCode::BAD_REQUEST,
         }
     }
 
     /// The registry error code (distribution's vocabulary) for the JSON body.
     fn code(&self) -> &'static str {
         match self {
-            ProxyError::Unreachable { .. } | ProxyError::ResponseTimeout { .. } | ProxyError::Overloaded(_) => {
-                "UNAVAILABLE"
-            }
+            ProxyError::Unreachable { .. } | ProxyError::ResponseTimeout { .. } => "UNAVAILABLE",
             ProxyError::BadRequest(_) => "UNSUPPORTED",
             ProxyError::MethodNotAllowed(_) => "UNSUPPORTED",
             ProxyError::ClientAborted(_) => "UNKNOWN",

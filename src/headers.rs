@@ -95,23 +95,13 @@ pub fn forward_request_headers(
 
 fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
     let name = HeaderName::from_static("x-forwarded-for");
-    let mut ip_text = [0u8; 64];
-    let ip_text = format_ip(ip, &mut ip_text);
     let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip_text}"),
-        _ => ip_text.to_owned(),
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+        _ => ip.to_string(),
     };
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(name, value);
     }
-}
-
-fn format_ip(ip: std::net::IpAddr, buf: &mut [u8; 64]) -> &str {
-    use std::io::Write;
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let _ = write!(cursor, "{ip}");
-    let len = cursor.position() as usize;
-    std::str::from_utf8(&buf[..len]).unwrap_or("")
 }
 
 /// Turns the registry's response headers into the headers sent to the client.

@@ -15,7 +15,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::error::{classify_client_error, ProxyError};
+use crate::error::{classify_client_error, ClientFault, ProxyError};
 use crate::exchange::{Exchange, Recorders, ResponseInfo};
 use crate::headers::{self, ClientView, HostMode, Origin};
 use crate::manifest;
@@ -132,11 +132,12 @@ impl Proxy {
         let mut body =
             TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone())
                 .stall_timeout(self.stall_timeout);
-        if let Some(length) = content_length(&parts.headers) {
+        let declared = content_length(&parts.headers);
+        if let Some(length) = declared {
             exchange.set_upload_expected(length);
         }
         if exchange.info().operation == Operation::ManifestPut {
-            body = body.capture(manifest::CAPTURE_LIMIT, content_length(&parts.headers));
+            body = body.capture(manifest::CAPTURE_LIMIT, declared);
         }
         exchange.mark_forwarded();
         let response = self.await_response(Request::from_parts(parts, body), exchange).await?;
@@ -146,6 +147,7 @@ impl Proxy {
             Origin { scheme: self.upstream.scheme.as_str(), authority: self.upstream.authority.as_str() };
         let client_origin = client_host.as_deref().map(|authority| Origin { scheme: conn.scheme(), authority });
         let info = response_info(&parts.headers);
+        let declared = info.content_length;
         headers::forward_response_headers(&mut parts.headers, &upstream_origin, client_origin.as_ref());
         let capture = parts.status.is_success()
             && matches!(exchange.info().operation, Operation::ManifestGet | Operation::V1AncestryGet);
@@ -154,7 +156,7 @@ impl Proxy {
             TimedBody::new(body, Direction::Download, Some(exchange.download_progress.clone()), exchange.clone())
                 .stall_timeout(self.stall_timeout);
         if capture {
-            body = body.capture(manifest::CAPTURE_LIMIT, content_length(&parts.headers));
+            body = body.capture(manifest::CAPTURE_LIMIT, declared);
         }
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
@@ -174,8 +176,8 @@ impl Proxy {
                 result = &mut response => {
                     return result.map_err(|e| match exchange.upload_end() {
                         // The client's body broke first; the upstream error is only its echo.
-                        Some(BodyEnd::SourceStalled) => ProxyError::ClientAborted("stalled"),
-                        Some(BodyEnd::SourceError) => ProxyError::ClientAborted("closed or malformed"),
+                        Some(BodyEnd::SourceStalled) => ProxyError::ClientAborted(ClientFault::Stalled),
+                        Some(BodyEnd::SourceError) => ProxyError::ClientAborted(ClientFault::Broken),
                         _ => {
                             let (kind, cause) = classify_client_error(&e);
                             ProxyError::Unreachable { upstream: self.upstream.display.clone(), kind, cause }

@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 
 use crate::route::Operation;
-use crate::timeline::{RequestView, Split};
+use crate::timeline::RequestView;
 use crate::transfers::Transfer;
 
 /// Colours per party: the same in the waterfall, the stacked bars and the legend.
@@ -54,42 +54,22 @@ pub fn request_label(r: &RequestView) -> String {
     format!("{} {} {} {}{size}", r.method, r.operation.as_str(), what, status)
 }
 
-/// The coloured pieces of one request, in time order: (party, start offset, seconds).
-/// Bodies are drawn as their client / registry / moving split, in that order within the body.
+/// The coloured pieces of one request, in time order: (party, start offset, seconds). Derived
+/// from the request's segments (`RequestView::segments`, the cut the attribution uses too); a
+/// body's mix is drawn as its client / registry / moving parts, in that order within the body.
 pub fn pieces(r: &RequestView) -> Vec<(&'static str, f64, f64)> {
     let mut out = Vec::new();
-    let forwarded = r.forwarded.unwrap_or(r.start);
-    let head = r.response_head.unwrap_or(r.end);
-    let plain = |party: &'static str, from: f64, to: f64, out: &mut Vec<_>| {
-        if to > from {
-            out.push((party, from, to - from));
-        }
-    };
-    let body = |split: Split, from: f64, out: &mut Vec<(&'static str, f64, f64)>| {
-        let mut at = from;
-        for (party, seconds) in [("client", split.client), ("registry", split.registry), ("moving", split.moving)] {
+    for segment in r.segments() {
+        let length = segment.to - segment.from;
+        let mut at = segment.from;
+        let mix = segment.mix;
+        for (party, share) in [("client", mix.client), ("registry", mix.registry), ("moving", mix.moving)] {
+            let seconds = share * length;
             if seconds > 0.0 {
                 out.push((party, at, seconds));
                 at += seconds;
             }
         }
-    };
-    plain("moving", r.start, forwarded, &mut out);
-    match &r.upload {
-        Some(up) => {
-            plain("registry", forwarded, up.start.min(head), &mut out);
-            body(up.split(), up.start, &mut out);
-            plain("registry", up.end.max(forwarded), head, &mut out);
-        }
-        None => plain("registry", forwarded, head, &mut out),
-    }
-    match &r.download {
-        Some(down) => {
-            plain("moving", head, down.start, &mut out);
-            body(down.split(), down.start, &mut out);
-            plain("moving", down.end, r.end, &mut out);
-        }
-        None => plain("moving", head, r.end, &mut out),
     }
     out
 }
@@ -150,6 +130,7 @@ pub fn render_svg(t: &Transfer) -> String {
     }
     for (i, r) in t.requests.iter().enumerate() {
         let y = TOP + i as f64 * ROW;
+        let label = escape(&request_label(r));
         let _ = write!(
             s,
             r#"<g class="request" data-id="{}" data-start="{}" data-end="{}"><text x="4" y="{:.1}">{}</text>"#,
@@ -157,7 +138,7 @@ pub fn render_svg(t: &Transfer) -> String {
             r.start,
             r.end,
             y + 13.0,
-            escape(&request_label(r))
+            label
         );
         // A faint span under the segments keeps sub-pixel requests visible; not a segment.
         let _ = write!(
@@ -181,15 +162,14 @@ pub fn render_svg(t: &Transfer) -> String {
             );
         }
         let bytes = r.bytes_in() + r.bytes_out();
+        let split = r.split();
         let _ = write!(
             s,
-            r#"<title>{}: {:.4} s, {} bytes, client {:.4} s / registry {:.4} s / moving {:.4} s</title></g>"#,
-            escape(&request_label(r)),
+            r#"<title>{label}: {:.4} s, {bytes} bytes, client {:.4} s / registry {:.4} s / moving {:.4} s</title></g>"#,
             r.duration(),
-            bytes,
-            r.split().client,
-            r.split().registry,
-            r.split().moving
+            split.client,
+            split.registry,
+            split.moving
         );
     }
     let shares = t.parties;

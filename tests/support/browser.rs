@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::process::{output, TempDir};
+use super::process::{check_bytes, TempDir};
 
 /// How long one page load may take: seconds on a busy two-core machine; a minute means it hangs.
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -76,17 +76,7 @@ impl Browser {
         let profile = TempDir::new("chromium");
         let mut cmd = Command::new(&self.binary);
         cmd.args(FLAGS).arg(format!("--user-data-dir={}", profile.path().display())).args(args);
-        let shown = format!("{cmd:?}");
-        let out = output(&mut cmd, TIMEOUT);
-        if !out.status.success() {
-            panic!(
-                "{shown} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        out.stdout
+        check_bytes(&mut cmd, TIMEOUT)
     }
 }
 

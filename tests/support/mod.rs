@@ -23,6 +23,6 @@ pub mod timing;
 pub use docker::{docker, Docker};
 pub use image::{sha256_digest, sha256_file, LayerInfo, TestImage};
 pub use net::{free_port, http_get, wait_for_tcp, HttpResponse};
-pub use process::{check, eventually, output, skopeo, TempDir};
+pub use process::{check, check_bytes, eventually, output, skopeo, TempDir};
 pub use registry::{LoggedRequest, Registry, RegistryOptions};
 pub use regscope::{metric_sum, Regscope, RequestEvent};

@@ -72,6 +72,11 @@ pub fn output(cmd: &mut Command, timeout: Duration) -> Output {
 
 /// Like [`output`], and panics unless the command exits 0; returns its stdout as text.
 pub fn check(cmd: &mut Command, timeout: Duration) -> String {
+    String::from_utf8(check_bytes(cmd, timeout)).expect("command printed non-UTF-8")
+}
+
+/// Like [`check`], for commands whose stdout is not text.
+pub fn check_bytes(cmd: &mut Command, timeout: Duration) -> Vec<u8> {
     let shown = format!("{cmd:?}");
     let out = output(cmd, timeout);
     if !out.status.success() {
@@ -82,7 +87,7 @@ pub fn check(cmd: &mut Command, timeout: Duration) -> String {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    String::from_utf8(out.stdout).expect("command printed non-UTF-8")
+    out.stdout
 }
 
 /// Runs `skopeo ARGS` (5 minute limit) and returns its stdout; panics on failure.
