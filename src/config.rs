@@ -87,6 +87,12 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
+    /// How many streams at a time read 1 MiB at once (per side: client connections and upstream
+    /// exchanges); the others read 16 KiB. Large reads move a blob at about twice the rate, small
+    /// ones keep a thousand concurrent transfers within tens of MiB. 0: every stream reads small.
+    #[arg(long, env = "REGSCOPE_LARGE_READ_STREAMS", default_value_t = 4)]
+    pub large_read_streams: usize,
+
     /// A body whose source sends nothing for this long is aborted (never finished) and counted.
     /// Bodies have no size limit: layers are large. 0 turns stall detection off.
     #[arg(long, env = "REGSCOPE_BODY_STALL_TIMEOUT", default_value = "5m", value_parser = parse_duration)]

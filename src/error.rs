@@ -216,7 +216,7 @@ mod tls_tests {
             let _ = acceptor.accept(stream).await;
         });
         let metrics = crate::metrics::Metrics::new(0);
-        let client = crate::upstream::client::<http_body_util::Empty<bytes::Bytes>>(
+        let client = crate::upstream::probe_client::<http_body_util::Empty<bytes::Bytes>>(
             crate::tls::client_config(None).unwrap(),
             Duration::from_secs(5),
             Duration::from_secs(5),

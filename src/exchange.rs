@@ -14,6 +14,7 @@ use http::Method;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::buffers::Stream;
 use crate::metrics::{method_label, Metrics, UpstreamErrorKind, THROUGHPUT_MIN_BYTES};
 use crate::route::{Api, Operation, Route};
 use crate::timed_body::{BodyOutcome, BodyRecorder, Direction, Side};
@@ -120,6 +121,9 @@ pub struct Exchange {
     pub download_progress: Arc<AtomicU64>,
     /// The request's declared body length, for progress bars.
     upload_expected: OnceLock<u64>,
+    /// What the exchange counts as on the upstream side (and its large-read slot, if any),
+    /// until it is over.
+    stream: OnceLock<Stream>,
 }
 
 /// A snapshot of an exchange still on the wire, for live views.
@@ -187,6 +191,7 @@ impl Exchange {
             upload_progress: Arc::new(AtomicU64::new(0)),
             download_progress: Arc::new(AtomicU64::new(0)),
             upload_expected: OnceLock::new(),
+            stream: OnceLock::new(),
         });
         exchange.recorders.sink.started(&exchange);
         exchange
@@ -203,6 +208,11 @@ impl Exchange {
 
     pub fn set_upload_expected(&self, length: u64) {
         let _ = self.upload_expected.set(length);
+    }
+
+    /// Keeps the upstream stream (and its large-read slot) until the exchange is over.
+    pub fn hold(&self, stream: Stream) {
+        let _ = self.stream.set(stream);
     }
 
     /// What this exchange is doing right now.

@@ -9,6 +9,7 @@
 //! - [`exchange`]: one request's timeline and what it records when it is over.
 //! - [`proxy`]: one exchange end to end; [`upstream`]: the pooled client; [`tls`]: rustls.
 //! - [`server`]: listeners, accept loops, graceful shutdown; [`admin`]: the admin port.
+//! - [`buffers`]: large reads for a few streams, small ones for the rest (memory stays bounded).
 //! - [`phases`]: upload phases, v1 and v2 in one vocabulary; [`manifest`]: what a pull fetches.
 //! - [`timeline`]: a transfer's requests on one time axis, and who each instant belongs to.
 //! - [`transfers`]: grouping requests into pushes and pulls; [`report`]: the table people read.
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod buffers;
 pub mod config;
 pub mod error;
 pub mod exchange;
@@ -72,11 +74,12 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     transfers::spawn_sweeper(&tracker);
     let recorders = Arc::new(Recorders { metrics: metrics.clone(), sink: tracker.clone() });
     let proxy = Arc::new(Proxy {
-        client: upstream::client(
+        upstreams: upstream::Upstreams::new(
             tls_client.clone(),
             config.upstream_connect_timeout,
             config.upstream_idle_timeout,
             &metrics,
+            config.large_read_streams,
         ),
         upstream: upstream.clone(),
         host_mode: config.host_header,
@@ -84,7 +87,8 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         stall_timeout: (!config.body_stall_timeout.is_zero()).then_some(config.body_stall_timeout),
         recorders,
     });
-    let probe = upstream::client(tls_client, config.upstream_connect_timeout, config.upstream_idle_timeout, &metrics);
+    let probe =
+        upstream::probe_client(tls_client, config.upstream_connect_timeout, config.upstream_idle_timeout, &metrics);
     let transfers_api = (!config.disable_transfers_api).then_some(tracker);
     let mut admin = Admin::new(metrics, probe, upstream.clone(), transfers_api);
     admin.ui = !config.no_ui;
@@ -107,6 +111,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         header_read_timeout: config.header_read_timeout,
         max_header_bytes: config.max_header_bytes,
         max_connections: config.max_connections.max(1),
+        large_read_connections: config.large_read_streams,
         grace: config.shutdown_grace,
     };
     server::run(listener, admin_listener, proxy, admin, limits, shutdown).await;

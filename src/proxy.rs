@@ -21,11 +21,16 @@ use crate::headers::{self, ClientView, HostMode, Origin};
 use crate::manifest;
 use crate::route::{classify, Operation, Route};
 use crate::timed_body::{BodyEnd, Direction, TimedBody};
-use crate::upstream::{UpstreamClient, UpstreamTarget};
+use crate::upstream::{UpstreamTarget, Upstreams};
 
 /// The body of every response regscope sends: the registry's, streamed and timed, or one of
 /// our own small error bodies.
 pub type ProxyBody = Either<TimedBody<Incoming>, Full<Bytes>>;
+
+/// The body of every request regscope forwards. Boxed: hyper queues requests to an upstream
+/// connection in blocks of 32, allocated per connection, so the request's size is paid 32 times
+/// over for each of a thousand pooled connections.
+pub type UploadBody = Box<TimedBody<Incoming>>;
 
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -48,7 +53,7 @@ impl ConnInfo {
 /// Everything one exchange needs; shared by all connections.
 pub struct Proxy {
     pub upstream: UpstreamTarget,
-    pub client: UpstreamClient<TimedBody<Incoming>>,
+    pub upstreams: Upstreams<UploadBody>,
     pub host_mode: HostMode,
     pub response_timeout: Duration,
     /// `None`: stall detection off.
@@ -140,7 +145,7 @@ impl Proxy {
             body = body.capture(manifest::CAPTURE_LIMIT, declared);
         }
         exchange.mark_forwarded();
-        let response = self.await_response(Request::from_parts(parts, body), exchange).await?;
+        let response = self.await_response(Request::from_parts(parts, Box::new(body)), exchange).await?;
 
         let (mut parts, body) = response.into_parts();
         let upstream_origin =
@@ -165,10 +170,12 @@ impl Proxy {
     /// once the request body has been fully forwarded: a 10 GiB upload is not a slow registry.
     async fn await_response(
         &self,
-        req: Request<TimedBody<Incoming>>,
+        req: Request<UploadBody>,
         exchange: &Exchange,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let response = self.client.request(req);
+        let (client, stream) = self.upstreams.pick();
+        exchange.hold(stream);
+        let response = client.request(req);
         tokio::pin!(response);
         loop {
             let deadline = exchange.upload_ended().map(|t| t + self.response_timeout);

@@ -7,15 +7,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::{service_fn, HttpService};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
-use crate::proxy::{ConnInfo, Proxy};
+use crate::buffers::{self, Slots};
+use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 use crate::timed_body::Side;
 
 /// How long a TLS handshake may take.
@@ -27,6 +30,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// Client connections at a time whose reads may be large (see [`crate::buffers`]).
+    pub large_read_connections: usize,
     /// After shutdown begins, how long in-flight connections may finish.
     pub grace: Duration,
 }
@@ -53,21 +58,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builders = Arc::new(Builders { h1: builder.clone().http1_only(), h2: builder.http2_only() });
+    let builders = Arc::new(Builders::new(&limits));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let large_reads = Slots::new(limits.large_read_connections);
 
     let admin_task = tokio::spawn(admin_loop(admin_listener, admin.clone()));
     tokio::pin!(shutdown);
@@ -92,6 +86,7 @@ pub async fn run(
         let conn = ConnInfo { peer, tls: proxy_listener.tls.is_some() };
         let watcher = graceful.watcher();
         let (tls, proxy, builders) = (proxy_listener.tls.clone(), proxy.clone(), builders.clone());
+        let large_reads = large_reads.clone();
         let mut stop = stop_rx.clone();
         let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
@@ -109,8 +104,7 @@ pub async fn run(
                     let Some(h2) = h2 else {
                         return tracing::debug!(peer = %conn.peer, "no request head in time");
                     };
-                    let builder = if h2 { &builders.h2 } else { &builders.h1 };
-                    watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await
+                    builders.serve(TokioIo::new(stream), h2, &large_reads, service, watcher).await
                 }
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
@@ -124,8 +118,7 @@ pub async fn run(
                         Err(_) => return tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
                     };
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let builder = if h2 { &builders.h2 } else { &builders.h1 };
-                    watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await
+                    builders.serve(TokioIo::new(stream), h2, &large_reads, service, watcher).await
                 }
             };
             if let Err(error) = result {
@@ -146,11 +139,62 @@ pub async fn run(
     admin_task.abort();
 }
 
-/// One builder per protocol: the protocol is decided before serving (ALPN, or the first bytes),
-/// so hyper never sniffs a silent connection without a deadline.
+/// One builder per protocol (and read size): the protocol is decided before serving (ALPN, or
+/// the first bytes), so hyper never sniffs a silent connection without a deadline.
 struct Builders {
-    h1: auto::Builder<TokioExecutor>,
-    h2: auto::Builder<TokioExecutor>,
+    /// HTTP/1 connections holding a large-read slot: request bodies arrive in frames up to 1 MiB.
+    h1_large: http1::Builder,
+    h1_small: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(limits: &Limits) -> Self {
+        // The read buffer also holds the request head, so it is never smaller than the head
+        // limit; `max_header_size` is what answers 431 to a head over the limit.
+        let h1 = |max_read: usize| {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_header_size(limits.max_header_bytes)
+                .max_buf_size(max_read.max(limits.max_header_bytes).max(8192));
+            builder
+        };
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Builders { h1_large: h1(buffers::LARGE), h1_small: h1(buffers::SMALL), h2 }
+    }
+
+    /// Serves one connection to its end (or until shutdown ends it). An HTTP/1 connection
+    /// takes a large-read slot for its whole life if one is free.
+    async fn serve<I, S>(
+        &self,
+        io: I,
+        h2: bool,
+        large_reads: &Slots,
+        service: S,
+        watcher: Watcher,
+    ) -> Result<(), hyper::Error>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: HttpService<Incoming, ResBody = ProxyBody> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        // Boxed, so a connection's task holds only the protocol it speaks, not the larger of the two.
+        if h2 {
+            return Box::pin(watcher.watch(self.h2.serve_connection(io, service))).await;
+        }
+        let stream = large_reads.start();
+        let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
+        let result = Box::pin(watcher.watch(builder.serve_connection(io, service))).await;
+        drop(stream);
+        result
+    }
 }
 
 /// Whether a plain connection opens with the HTTP/2 preface (`PRI * HTTP/2.0`), from its first

@@ -251,6 +251,8 @@ struct State {
     next_id: u64,
     /// Requests held by open sessions, against `max_total_requests`.
     held_requests: usize,
+    /// Requests held by finished transfers, against `max_total_requests` too.
+    finished_requests: usize,
 }
 
 impl State {
@@ -474,9 +476,16 @@ impl Tracker {
         state.next_id += 1;
         let mut transfer = transfer;
         transfer.id = state.next_id;
-        if state.finished.len() >= self.config.keep_finished {
-            state.finished.pop_front();
+        // The oldest go first: beyond `keep_finished` transfers, and beyond `max_total_requests`
+        // requests kept for their waterfalls (a thousand 4096-request pulls would be gigabytes).
+        let held = transfer.requests.len();
+        while state.finished.len() >= self.config.keep_finished
+            || (!state.finished.is_empty() && state.finished_requests + held > self.config.max_total_requests)
+        {
+            let Some(oldest) = state.finished.pop_front() else { break };
+            state.finished_requests -= oldest.requests.len();
         }
+        state.finished_requests += held;
         state.finished.push_back(Arc::new(transfer));
     }
 }
@@ -920,6 +929,19 @@ mod tests {
         assert!(closed.iter().all(|c| c.outcome == Outcome::Incomplete));
         let r0 = closed.iter().find(|c| c.repository == "r0").unwrap();
         assert_eq!((r0.requests.len(), r0.requests_dropped), (10, 10));
+
+        // Finished transfers keep their requests for the waterfall, within the same bound: the
+        // oldest give way.
+        for i in 0..10u64 {
+            t.finished(record(200 + i, Operation::BlobGet, "r9", t0, 0.01, 200));
+        }
+        t.sweep(t0 + Duration::from_secs(400));
+        let kept = t.recent(100);
+        let held: usize = kept.iter().map(|c| c.requests.len()).sum();
+        assert!((16..=25).contains(&held), "{held}: the bound, less at most one evicted transfer's worth");
+        assert!(kept.len() < 9, "older transfers made room for the new one");
+        assert!(kept.iter().any(|c| c.repository == "r9" && c.requests.len() == 10));
+        assert_eq!(t.lock().finished_requests, held);
     }
 
     #[tokio::test(start_paused = true)]

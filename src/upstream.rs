@@ -18,6 +18,7 @@ use prometheus::{Histogram, IntGauge};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use crate::buffers::{self, Slots, Stream};
 use crate::error::SetupError;
 use crate::metrics::Metrics;
 use crate::timed_body::Side;
@@ -60,11 +61,53 @@ impl UpstreamTarget {
     }
 }
 
+/// Idle connections kept per pool (nginx's usual `keepalive 64`).
+const MAX_IDLE: usize = 64;
+
 pub type Connector = TimedConnector<HttpsConnector<HttpConnector>>;
 pub type UpstreamClient<B> = Client<Connector, B>;
 
-/// Builds the pooled client. `B` is the request body type.
-pub fn client<B>(
+/// The registry behind two pools: connections that read large and connections that read
+/// small. Each exchange takes a large-read slot if one is free (see [`crate::buffers`]).
+pub struct Upstreams<B> {
+    large: UpstreamClient<B>,
+    small: UpstreamClient<B>,
+    slots: Slots,
+}
+
+impl<B> Upstreams<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// `large_slots` exchanges at a time read 1 MiB at once; the rest 16 KiB.
+    pub fn new(
+        tls: rustls::ClientConfig,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        metrics: &Metrics,
+        large_slots: usize,
+    ) -> Self {
+        let connector = connector(tls, connect_timeout, metrics);
+        Upstreams {
+            // Idle connections keep their buffers: no more large ones than can be used at once,
+            // and after a burst of a thousand transfers, not a thousand small ones either.
+            large: client(connector.clone(), Reads::UpTo(buffers::LARGE), large_slots, idle_timeout),
+            small: client(connector, Reads::Exactly(buffers::SMALL), MAX_IDLE, idle_timeout),
+            slots: Slots::new(large_slots),
+        }
+    }
+
+    /// The client for a new exchange, and the stream it counts as until the exchange is over.
+    pub fn pick(&self) -> (&UpstreamClient<B>, Stream) {
+        let stream = self.slots.start();
+        (if stream.large() { &self.large } else { &self.small }, stream)
+    }
+}
+
+/// A pooled client that reads small, for the admin port's readiness probe.
+pub fn probe_client<B>(
     tls: rustls::ClientConfig,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -75,6 +118,10 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    client(connector(tls, connect_timeout, metrics), Reads::Exactly(buffers::SMALL), 1, idle_timeout)
+}
+
+fn connector(tls: rustls::ClientConfig, connect_timeout: Duration, metrics: &Metrics) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -86,15 +133,35 @@ where
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    let connector = TimedConnector {
+    TimedConnector {
         inner: https,
         connect_seconds: metrics.upstream_connect.clone(),
         open: metrics.connection_gauge(Side::Registry),
+    }
+}
+
+/// How an HTTP/1 upstream connection reads; the size is also the most a response head may take.
+enum Reads {
+    /// Starting at 8 KiB and doubling while reads fill the buffer (hyper's adaptive reads).
+    UpTo(usize),
+    /// Always this much: the buffer never grows past it, so a thousand connections cost a
+    /// thousand of them.
+    Exactly(usize),
+}
+
+fn client<B>(connector: Connector, reads: Reads, max_idle: usize, idle_timeout: Duration) -> UpstreamClient<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = Client::builder(TokioExecutor::new());
+    match reads {
+        Reads::UpTo(max) => builder.http1_max_buf_size(max),
+        Reads::Exactly(size) => builder.http1_read_buf_exact_size(size),
     };
-    Client::builder(TokioExecutor::new())
-        // hyper's default lets each connection's read buffer grow to ~400 KiB on a fast download:
-        // 1000 busy connections then hold ~500 MiB. 64 KiB (the client-facing default) keeps it ~150 MiB.
-        .http1_max_buf_size(64 << 10)
+    builder
+        .pool_max_idle_per_host(max_idle)
         .pool_idle_timeout(idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
