@@ -20,7 +20,7 @@ use crate::exchange::{Exchange, Recorders, ResponseInfo};
 use crate::headers::{self, ClientView, HostMode, Origin};
 use crate::manifest;
 use crate::route::{classify, Operation, Route};
-use crate::timed_body::{BodyEnd, Direction, TimedBody};
+use crate::timed_body::{BodyEnd, Direction, Drain, TimedBody};
 use crate::upstream::{UpstreamTarget, Upstreams};
 
 /// The body of every response regscope sends: the registry's, streamed and timed, or one of
@@ -33,11 +33,13 @@ pub type ProxyBody = Either<TimedBody<Incoming>, Full<Bytes>>;
 pub type UploadBody = Box<TimedBody<Incoming>>;
 
 /// Facts about the client connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the client reached us over TLS.
     pub tls: bool,
+    /// The connection's flush signal (HTTP/1), so a response ends when its bytes are out.
+    pub drain: Option<Arc<Drain>>,
 }
 
 impl ConnInfo {
@@ -159,7 +161,8 @@ impl Proxy {
         exchange.mark_response_head(parts.status.as_u16(), info);
         let mut body =
             TimedBody::new(body, Direction::Download, Some(exchange.download_progress.clone()), exchange.clone())
-                .stall_timeout(self.stall_timeout);
+                .stall_timeout(self.stall_timeout)
+                .drain(conn.drain.clone());
         if capture {
             body = body.capture(manifest::CAPTURE_LIMIT, declared);
         }

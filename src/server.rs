@@ -7,9 +7,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use hyper::server::conn::{http1, http2};
-use hyper::service::{service_fn, HttpService};
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -18,7 +20,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
 use crate::buffers::{self, Slots};
-use crate::proxy::{ConnInfo, Proxy, ProxyBody};
+use crate::proxy::{ConnInfo, Proxy};
+use crate::timed_body::Drain;
 use crate::timed_body::Side;
 
 /// How long a TLS handshake may take.
@@ -83,7 +86,7 @@ pub async fn run(
             tokio::spawn(refuse_overloaded(stream, proxy_listener.tls.is_some()));
             continue;
         };
-        let conn = ConnInfo { peer, tls: proxy_listener.tls.is_some() };
+        let conn = ConnInfo { peer, tls: proxy_listener.tls.is_some(), drain: None };
         let watcher = graceful.watcher();
         let (tls, proxy, builders) = (proxy_listener.tls.clone(), proxy.clone(), builders.clone());
         let large_reads = large_reads.clone();
@@ -92,7 +95,6 @@ pub async fn run(
         tokio::spawn(async move {
             let _slot = slot;
             let _open = OpenConnection::new(proxy.recorders.metrics.connection_gauge(Side::Client));
-            let service = service_fn(move |req| proxy.clone().handle(req, conn));
             // Until a client has said which protocol it speaks it is not served; a silent one is
             // closed after the header timeout, and shutdown does not wait for it.
             let result = match tls {
@@ -104,7 +106,7 @@ pub async fn run(
                     let Some(h2) = h2 else {
                         return tracing::debug!(peer = %conn.peer, "no request head in time");
                     };
-                    builders.serve(TokioIo::new(stream), h2, &large_reads, service, watcher).await
+                    builders.serve(TokioIo::new(stream), h2, &large_reads, proxy, conn.clone(), watcher).await
                 }
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
@@ -118,7 +120,7 @@ pub async fn run(
                         Err(_) => return tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
                     };
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    builders.serve(TokioIo::new(stream), h2, &large_reads, service, watcher).await
+                    builders.serve(TokioIo::new(stream), h2, &large_reads, proxy, conn.clone(), watcher).await
                 }
             };
             if let Err(error) = result {
@@ -170,30 +172,88 @@ impl Builders {
     }
 
     /// Serves one connection to its end (or until shutdown ends it). An HTTP/1 connection
-    /// takes a large-read slot for its whole life if one is free.
-    async fn serve<I, S>(
+    /// takes a large-read slot for its whole life if one is free, and tells each response body
+    /// when its bytes are out (see [`Drain`]).
+    async fn serve<I>(
         &self,
         io: I,
         h2: bool,
         large_reads: &Slots,
-        service: S,
+        proxy: Arc<Proxy>,
+        mut conn: ConnInfo,
         watcher: Watcher,
     ) -> Result<(), hyper::Error>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        S: HttpService<Incoming, ResBody = ProxyBody> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         // Boxed, so a connection's task holds only the protocol it speaks, not the larger of the two.
         if h2 {
+            let service = service_fn(move |req| proxy.clone().handle(req, conn.clone()));
             return Box::pin(watcher.watch(self.h2.serve_connection(io, service))).await;
         }
+        let drain = Arc::new(Drain::default());
+        conn.drain = Some(drain.clone());
+        let service = service_fn(move |req| proxy.clone().handle(req, conn.clone()));
+        let io = DrainedIo { io, drain };
         let stream = large_reads.start();
         let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
         let result = Box::pin(watcher.watch(builder.serve_connection(io, service))).await;
         drop(stream);
         result
+    }
+}
+
+/// A client connection's IO that tells the response in progress when hyper has flushed all it
+/// queued: hyper flushes the IO only once its write queue is empty.
+struct DrainedIo<T> {
+    io: T,
+    drain: Arc<Drain>,
+}
+
+impl<T> Drop for DrainedIo<T> {
+    fn drop(&mut self) {
+        self.drain.abandoned();
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for DrainedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for DrainedIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            this.drain.flushed();
+        }
+        flushed
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 }
 

@@ -11,8 +11,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -210,8 +210,81 @@ impl Watchdog {
     }
 }
 
+/// Ends a response body when its connection has written it out, not when its source ended.
+///
+/// Hyper queues up to its buffer size of a response before it stops asking the body for more,
+/// so the source can end while a megabyte still waits for a slow client. With a `Drain`, a body
+/// whose source completed hands its outcome here, and the outcome is recorded at the
+/// connection's next flush with nothing left queued (hyper flushes the IO only once its queue is
+/// empty): the tail is the sink's wait, not an idle gap after the response. Per flush this costs
+/// the IO one relaxed load; the lock is taken once per body.
+#[derive(Default)]
+pub struct Drain {
+    armed: AtomicBool,
+    pending: Mutex<Option<Deferred>>,
+}
+
+/// A completed body's outcome, waiting for the write-out.
+struct Deferred {
+    direction: Direction,
+    tally: Tally,
+    captured: Vec<u8>,
+    recorder: Arc<dyn BodyRecorder>,
+}
+
+impl std::fmt::Debug for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drain").field("armed", &self.armed).finish_non_exhaustive()
+    }
+}
+
+impl Drain {
+    /// Called by the connection's IO after a flush that left nothing queued.
+    pub fn flushed(&self) {
+        if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::AcqRel) {
+            self.settle(BodyEnd::Complete);
+        }
+    }
+
+    /// Called when the connection is gone: a body still waiting never fully reached its sink.
+    pub fn abandoned(&self) {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            self.settle(BodyEnd::SinkDropped);
+        }
+    }
+
+    fn defer(&self, deferred: Deferred) {
+        // HTTP/1 writes one response at a time; one still waiting is settled by the next.
+        let previous = self.lock().replace(deferred);
+        self.armed.store(true, Ordering::Release);
+        if let Some(previous) = previous {
+            record_deferred(previous, BodyEnd::Complete);
+        }
+    }
+
+    fn settle(&self, end: BodyEnd) {
+        let deferred = self.lock().take();
+        if let Some(deferred) = deferred {
+            record_deferred(deferred, end);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Deferred>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The time since the last frame went out is the sink's: it was writing the tail.
+fn record_deferred(mut d: Deferred, end: BodyEnd) {
+    let now = Instant::now();
+    if let Some(at) = d.tally.returned_at.take() {
+        d.tally.sink_wait += now.saturating_duration_since(at);
+    }
+    d.recorder.record(finish(d.direction, &d.tally, end, now), d.captured);
+}
+
 /// Running totals, kept inline in the wrapper.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Tally {
     bytes: u64,
     frames: u64,
@@ -242,6 +315,8 @@ pin_project! {
         done: bool,
         // Cuts the body off when its source goes silent; `None` when stall detection is off.
         watchdog: Option<Watchdog>,
+        // The sink connection's flush signal; `None`: the body ends when its source does.
+        drain: Option<Arc<Drain>>,
     }
 
     impl<B: Body> PinnedDrop for TimedBody<B> {
@@ -276,7 +351,14 @@ impl<B: Body> TimedBody<B> {
             recorder: Some(recorder),
             done: false,
             watchdog: None,
+            drain: None,
         }
+    }
+
+    /// Records the end only once the sink's connection has written everything out (see [`Drain`]).
+    pub fn drain(mut self, drain: Option<Arc<Drain>>) -> Self {
+        self.drain = drain;
+        self
     }
 
     /// Aborts the body (an error, so the peer never sees a clean end) when its source sends
@@ -391,7 +473,19 @@ where
         if let Some(end) = end {
             *this.done = true;
             if let Some(recorder) = this.recorder.take() {
-                recorder.record(finish(*this.direction, tally, end, now), this.capture.take_bytes());
+                match this.drain {
+                    Some(drain) if end == BodyEnd::Complete && tally.bytes > 0 => {
+                        // From here until the write-out, the body waits on its sink.
+                        let tally = Tally { returned_at: Some(now), ..tally.clone() };
+                        drain.defer(Deferred {
+                            direction: *this.direction,
+                            tally,
+                            captured: this.capture.take_bytes(),
+                            recorder,
+                        });
+                    }
+                    _ => recorder.record(finish(*this.direction, tally, end, now), this.capture.take_bytes()),
+                }
             }
         }
         Poll::Ready(item.map(|result| result.map_err(Into::into)))
@@ -473,6 +567,56 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_drain_a_body_ends_when_its_connection_has_written_it_out() {
+        for explicit_end in [false, true] {
+            // `explicit_end`: the source ends with a final `None` rather than through
+            // `is_end_stream` after its last frame.
+            let steps = if explicit_end { vec![Step::Data(10), Step::Wait(ms(0))] } else { vec![Step::Data(10)] };
+            let (body, rec) = timed(steps, Direction::Download);
+            let drain = Arc::new(Drain::default());
+            let mut body = body.drain(Some(drain.clone()));
+            drain.flushed(); // nothing waits yet: a no-op
+            while let Some(frame) = body.frame().await {
+                frame.unwrap();
+            }
+            drop(body);
+            tokio::time::advance(ms(300)).await;
+            assert!(rec.0.lock().unwrap().is_empty(), "still queued in the connection");
+            drain.flushed();
+            let outcome = rec.0.lock().unwrap()[0];
+            assert_eq!((outcome.end, outcome.bytes), (BodyEnd::Complete, 10));
+            assert_eq!(outcome.sink_wait, ms(300), "the write-out was the sink's wait");
+            assert_eq!(outcome.active(), ms(300));
+            drain.flushed();
+            assert_eq!(rec.0.lock().unwrap().len(), 1, "recorded once");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_whose_connection_closed_before_the_write_out_was_cut_off_by_the_sink() {
+        let (body, rec) = timed(vec![Step::Data(10)], Direction::Download);
+        let drain = Arc::new(Drain::default());
+        let mut body = body.drain(Some(drain.clone()));
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        drain.abandoned();
+        assert_eq!(rec.0.lock().unwrap()[0].end, BodyEnd::SinkDropped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_and_failed_bodies_do_not_wait_for_a_drain() {
+        let (body, rec) = timed(vec![], Direction::Download);
+        let mut body = body.drain(Some(Arc::new(Drain::default())));
+        assert!(body.frame().await.is_none());
+        let (body, rec2) = timed(vec![Step::Data(3), Step::Fail], Direction::Download);
+        let mut body = body.drain(Some(Arc::new(Drain::default())));
+        body.frame().await.unwrap().unwrap();
+        assert!(body.frame().await.unwrap().is_err());
+        assert_eq!(rec.0.lock().unwrap()[0].end, BodyEnd::Complete);
+        assert_eq!(rec2.0.lock().unwrap()[0].end, BodyEnd::SourceError);
     }
 
     #[tokio::test(start_paused = true)]
