@@ -1,29 +1,54 @@
-//! How much a connection reads at once: large reads for a few streams, small ones for the rest.
+//! How much a connection reads at once: the quieter the proxy, the larger.
 //!
 //! Every read moves one frame through the proxy, and on loopback each frame costs a receive,
 //! a send and a wake-up whatever its size: reading 1 MiB at a time moves a blob at about twice
 //! the rate of 64 KiB reads, for half the CPU. But hyper keeps a connection's read buffer (and
 //! the frame in flight) for as long as the connection lives, so a thousand busy transfers at
-//! 1 MiB each would hold two gigabytes. So a fixed number of streams read large and the rest read
-//! small, and memory stays bounded whatever the load:
-//! `slots × 2 × LARGE + other streams × 2 × SMALL` at most.
+//! 1 MiB each would hold two gigabytes. So a new stream's read size depends on how many streams
+//! its side already has ([`CLASSES`]): a `docker push` or `docker pull` reads 1 MiB at a time, a
+//! few dozen concurrent transfers 64 KiB, more 16 KiB. A stream keeps its class for life,
+//! and a class is only given while the side has at most its `until` streams, so no class ever
+//! holds more than `until` streams and memory stays bounded whatever the load. Small reads also
+//! share the CPU fairly: a 1 MiB reader moves 64 times as much per turn as a 16 KiB one.
 //!
-//! A stream reads large only if the proxy is quiet when it starts (at most `slots` streams on
-//! its side, this one included) and a slot is free; it never waits for one. So a `docker push`
-//! or `docker pull` gets large reads, and under a thousand concurrent transfers every stream
-//! reads small and they share the CPU fairly (a large reader moves 64 times as many bytes per
-//! turn as a small one).
+//! The largest class also needs one of `--large-read-streams` slots, never waited for.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Read size of a stream holding a slot.
+/// How an HTTP/1 connection reads. The size is also the most a response head may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// Starting at 8 KiB and doubling while reads fill the buffer (hyper's adaptive reads).
+    UpTo(usize),
+    /// Always this much: the buffer never grows past it.
+    Exactly(usize),
+}
+
+impl Reads {
+    pub fn max(self) -> usize {
+        match self {
+            Reads::UpTo(n) | Reads::Exactly(n) => n,
+        }
+    }
+}
+
+/// A read class: how a stream reads, and the most streams its side may have (the new one
+/// included) for a new stream to get it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    pub reads: Reads,
+    pub until: usize,
+}
+
+/// Read size of a stream holding a large-read slot.
 pub const LARGE: usize = 1 << 20;
 
-/// Read size of every other stream. Also the most an upstream response head may take.
-pub const SMALL: usize = 16 << 10;
+/// The classes after the large one, from the largest. The last takes every stream beyond.
+pub const CLASSES: [Class; 2] =
+    [Class { reads: Reads::UpTo(64 << 10), until: 64 }, Class { reads: Reads::Exactly(16 << 10), until: usize::MAX }];
 
 /// The large-read slots of one side of the proxy, and how many streams it has now. Cheap to
 /// clone (shared).
@@ -37,6 +62,8 @@ pub struct Slots {
 /// One stream (an exchange, or a client connection) for as long as it lives.
 #[derive(Debug)]
 pub struct Stream {
+    /// 0: large (holding `slot`); `i + 1`: `CLASSES[i]`.
+    class: usize,
     slot: Option<OwnedSemaphorePermit>,
     active: Arc<AtomicUsize>,
 }
@@ -46,15 +73,27 @@ impl Slots {
         Slots { large: Arc::new(Semaphore::new(count)), count, active: Arc::new(AtomicUsize::new(0)) }
     }
 
-    /// Counts a new stream, with a large-read slot if the side is quiet and one is free.
+    /// Every class of this side, from the largest: `1 + CLASSES.len()` of them.
+    pub fn classes(&self) -> [Class; 1 + CLASSES.len()] {
+        let [a, b] = CLASSES;
+        [Class { reads: Reads::UpTo(LARGE), until: self.count }, a, b]
+    }
+
+    /// Counts a new stream and gives it the largest class the side's load allows.
     pub fn start(&self) -> Stream {
         let active = self.active.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = if active <= self.count { self.large.clone().try_acquire_owned().ok() } else { None };
-        Stream { slot, active: self.active.clone() }
+        let class = if slot.is_some() { 0 } else { 1 + CLASSES.iter().position(|c| active <= c.until).unwrap_or(0) };
+        Stream { class, slot, active: self.active.clone() }
     }
 }
 
 impl Stream {
+    /// Index into [`Slots::classes`].
+    pub fn class(&self) -> usize {
+        self.class
+    }
+
     /// Whether this stream reads large.
     pub fn large(&self) -> bool {
         self.slot.is_some()
@@ -78,9 +117,10 @@ mod tests {
         let b = slots.start();
         let c = slots.start();
         assert!(a.large() && b.large());
-        assert!(!c.large(), "a third stream reads small");
+        assert!(!c.large(), "a third stream reads smaller");
+        assert_eq!(c.class(), 1);
         drop(a);
-        // Two streams are active (b and c), so the side is not quiet: small, although a slot is free.
+        // Two streams are active (b and c), so the side is not quiet: smaller, although a slot is free.
         let d = slots.start();
         assert!(!d.large());
         drop((c, d));
@@ -92,7 +132,27 @@ mod tests {
     }
 
     #[test]
-    fn zero_slots_means_every_stream_reads_small() {
-        assert!(!Slots::new(0).start().large());
+    fn the_busier_the_side_the_smaller_the_reads() {
+        let slots = Slots::new(4);
+        let classes = slots.classes();
+        let streams: Vec<Stream> = (0..1000).map(|_| slots.start()).collect();
+        let read_size = |i: usize| classes[streams[i].class()].reads.max();
+        assert_eq!((read_size(0), read_size(3)), (LARGE, LARGE));
+        assert_eq!((read_size(4), read_size(63)), (64 << 10, 64 << 10));
+        assert_eq!((read_size(64), read_size(999)), (16 << 10, 16 << 10));
+        // No class holds more streams than its `until`.
+        for (k, class) in classes.iter().enumerate() {
+            assert!(streams.iter().filter(|s| s.class() == k).count() <= class.until);
+        }
+        // Read sizes only shrink down the list, and the last class takes everything.
+        assert!(classes.windows(2).all(|w| w[0].reads.max() >= w[1].reads.max() && w[0].until <= w[1].until));
+        assert_eq!(classes.last().unwrap().until, usize::MAX);
+    }
+
+    #[test]
+    fn zero_slots_means_no_stream_reads_large() {
+        let s = Slots::new(0).start();
+        assert!(!s.large());
+        assert_eq!(s.class(), 1);
     }
 }

@@ -87,9 +87,10 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
-    /// How many streams at a time read 1 MiB at once (per side: client connections and upstream
-    /// exchanges); the others read 16 KiB. Large reads move a blob at about twice the rate, small
-    /// ones keep a thousand concurrent transfers within tens of MiB. 0: every stream reads small.
+    /// How many streams at a time may read 1 MiB at once (per side: client connections and
+    /// upstream exchanges), given while the side has no more streams than this. Busier, new
+    /// upstream streams read 64 or 16 KiB. Large reads move a blob at about twice the rate;
+    /// small ones keep a thousand concurrent transfers within tens of MiB. 0: none read large.
     #[arg(long, env = "REGSCOPE_LARGE_READ_STREAMS", default_value_t = 4)]
     pub large_read_streams: usize,
 

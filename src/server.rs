@@ -168,7 +168,9 @@ impl Builders {
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
-        Builders { h1_large: h1(buffers::LARGE), h1_small: h1(buffers::SMALL), h2 }
+        // Other client connections read adaptively up to the first smaller class (64 KiB): a
+        // connection's class is fixed when it opens, long before it knows what it will carry.
+        Builders { h1_large: h1(buffers::LARGE), h1_small: h1(buffers::CLASSES[0].reads.max()), h2 }
     }
 
     /// Serves one connection to its end (or until shutdown ends it). An HTTP/1 connection

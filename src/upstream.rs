@@ -18,7 +18,7 @@ use prometheus::{Histogram, IntGauge};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::buffers::{self, Slots, Stream};
+use crate::buffers::{Reads, Slots, Stream};
 use crate::error::SetupError;
 use crate::metrics::Metrics;
 use crate::timed_body::Side;
@@ -67,11 +67,10 @@ const MAX_IDLE: usize = 64;
 pub type Connector = TimedConnector<HttpsConnector<HttpConnector>>;
 pub type UpstreamClient<B> = Client<Connector, B>;
 
-/// The registry behind two pools: connections that read large and connections that read
-/// small. Each exchange takes a large-read slot if one is free (see [`crate::buffers`]).
+/// The registry behind one pool per read class (see [`crate::buffers`]): each exchange takes
+/// a connection of the largest class its side's load allows.
 pub struct Upstreams<B> {
-    large: UpstreamClient<B>,
-    small: UpstreamClient<B>,
+    clients: Vec<UpstreamClient<B>>,
     slots: Slots,
 }
 
@@ -81,7 +80,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// `large_slots` exchanges at a time read 1 MiB at once; the rest 16 KiB.
+    /// `large_slots` exchanges at a time may read 1 MiB at once.
     pub fn new(
         tls: rustls::ClientConfig,
         connect_timeout: Duration,
@@ -90,19 +89,21 @@ where
         large_slots: usize,
     ) -> Self {
         let connector = connector(tls, connect_timeout, metrics);
-        Upstreams {
-            // Idle connections keep their buffers: no more large ones than can be used at once,
-            // and after a burst of a thousand transfers, not a thousand small ones either.
-            large: client(connector.clone(), Reads::UpTo(buffers::LARGE), large_slots, idle_timeout),
-            small: client(connector, Reads::Exactly(buffers::SMALL), MAX_IDLE, idle_timeout),
-            slots: Slots::new(large_slots),
-        }
+        let slots = Slots::new(large_slots);
+        // Idle connections keep their buffers: no more of a class than it may use at once, and
+        // after a burst of a thousand transfers, not a thousand either.
+        let clients = slots
+            .classes()
+            .iter()
+            .map(|class| client(connector.clone(), class.reads, class.until.min(MAX_IDLE), idle_timeout))
+            .collect();
+        Upstreams { clients, slots }
     }
 
     /// The client for a new exchange, and the stream it counts as until the exchange is over.
     pub fn pick(&self) -> (&UpstreamClient<B>, Stream) {
         let stream = self.slots.start();
-        (if stream.large() { &self.large } else { &self.small }, stream)
+        (&self.clients[stream.class()], stream)
     }
 }
 
@@ -118,7 +119,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    client(connector(tls, connect_timeout, metrics), Reads::Exactly(buffers::SMALL), 1, idle_timeout)
+    client(connector(tls, connect_timeout, metrics), Reads::Exactly(16 << 10), 1, idle_timeout)
 }
 
 fn connector(tls: rustls::ClientConfig, connect_timeout: Duration, metrics: &Metrics) -> Connector {
@@ -138,15 +139,6 @@ fn connector(tls: rustls::ClientConfig, connect_timeout: Duration, metrics: &Met
         connect_seconds: metrics.upstream_connect.clone(),
         open: metrics.connection_gauge(Side::Registry),
     }
-}
-
-/// How an HTTP/1 upstream connection reads; the size is also the most a response head may take.
-enum Reads {
-    /// Starting at 8 KiB and doubling while reads fill the buffer (hyper's adaptive reads).
-    UpTo(usize),
-    /// Always this much: the buffer never grows past it, so a thousand connections cost a
-    /// thousand of them.
-    Exactly(usize),
 }
 
 fn client<B>(connector: Connector, reads: Reads, max_idle: usize, idle_timeout: Duration) -> UpstreamClient<B>

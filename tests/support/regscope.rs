@@ -42,6 +42,8 @@ impl Regscope {
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
+            // Every request's event, which many tests read; a test's own RUST_LOG wins.
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,regscope::request=debug".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
