@@ -4,11 +4,10 @@
 //! and drive a real server over real sockets.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
-
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -21,8 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::Admin;
 use crate::buffers::{self, Slots};
 use crate::proxy::{ConnInfo, Proxy};
-use crate::timed_body::Drain;
-use crate::timed_body::Side;
+use crate::timed_body::{Drain, Side};
 
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
