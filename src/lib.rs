@@ -9,7 +9,7 @@
 //! - [`exchange`]: one request's timeline and what it records when it is over.
 //! - [`proxy`]: one exchange end to end; [`upstream`]: the pooled client; [`tls`]: rustls.
 //! - [`server`]: listeners, accept loops, graceful shutdown; [`admin`]: the admin port.
-//! - [`buffers`]: large reads for a few streams, small ones for the rest (memory stays bounded).
+//! - [`buffers`]: how much a connection reads at once, by load (memory stays bounded).
 //! - [`phases`]: upload phases, v1 and v2 in one vocabulary; [`manifest`]: what a pull fetches.
 //! - [`timeline`]: a transfer's requests on one time axis, and who each instant belongs to.
 //! - [`transfers`]: grouping requests into pushes and pulls; [`report`]: the table people read.
