@@ -4,9 +4,7 @@
 //! and drive a real server over real sockets.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -20,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::Admin;
 use crate::buffers::{self, Slots};
 use crate::proxy::{ConnInfo, Proxy};
+use crate::socket::{OpenConnection, Watch, Watched};
 use crate::timed_body::{Drain, Side};
 
 /// How long a TLS handshake may take.
@@ -194,7 +193,7 @@ impl Builders {
         let drain = Arc::new(Drain::default());
         conn.drain = Some(drain.clone());
         let service = service_fn(move |req| proxy.clone().handle(req, conn.clone()));
-        let io = DrainedIo { io, drain };
+        let io = Watched::new(io, DrainOnClose(drain));
         let stream = large_reads.start();
         let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
         let result = Box::pin(watcher.watch(builder.serve_connection(io, service))).await;
@@ -203,57 +202,19 @@ impl Builders {
     }
 }
 
-/// A client connection's IO that tells the response in progress when hyper has flushed all it
-/// queued: hyper flushes the IO only once its write queue is empty.
-struct DrainedIo<T> {
-    io: T,
-    drain: Arc<Drain>,
+/// Tells the response in progress when hyper has flushed all it queued for the client, and
+/// that it never will once the connection is gone.
+struct DrainOnClose(Arc<Drain>);
+
+impl Watch for DrainOnClose {
+    fn flushed(&self) {
+        self.0.flushed();
+    }
 }
 
-impl<T> Drop for DrainedIo<T> {
+impl Drop for DrainOnClose {
     fn drop(&mut self) {
-        self.drain.abandoned();
-    }
-}
-
-impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for DrainedIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for DrainedIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let flushed = Pin::new(&mut this.io).poll_flush(cx);
-        if let Poll::Ready(Ok(())) = flushed {
-            this.drain.flushed();
-        }
-        flushed
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        self.0.abandoned();
     }
 }
 
@@ -288,22 +249,6 @@ async fn refuse_overloaded(mut stream: tokio::net::TcpStream, tls: bool) {
     if !tls {
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(OVERLOADED)).await;
         let _ = stream.shutdown().await;
-    }
-}
-
-/// Counts a client connection in the gauge for as long as it is open.
-struct OpenConnection(prometheus::IntGauge);
-
-impl OpenConnection {
-    fn new(gauge: prometheus::IntGauge) -> Self {
-        gauge.inc();
-        OpenConnection(gauge)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

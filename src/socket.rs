@@ -5,7 +5,16 @@
 //! would be timed as an idle gap after the response instead of as the reader's stall.
 //! `TCP_NOTSENT_LOWAT` bounds only the *unsent* part of the buffer (bytes in flight are not
 //! limited), so a write waits when the peer stops reading, and the wait is seen and attributed.
+//!
+//! Also here: [`Watched`], the one pass-through wrapper both sides put around a connection's IO
+//! to learn of its flushes and its end.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use prometheus::IntGauge;
 use tokio::net::TcpStream;
 
 /// Unsent bytes a socket may hold: small enough that the time a peer takes to read them is
@@ -20,3 +29,83 @@ pub fn tune(stream: &TcpStream) {
         let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(UNSENT_LOWAT);
     }
 }
+
+/// What a [`Watched`] connection tells its watcher. The watcher is dropped with the connection,
+/// so its own `Drop` is the "connection closed" hook.
+pub trait Watch {
+    /// A flush succeeded (hyper flushes only once its write queue is empty).
+    fn flushed(&self) {}
+}
+
+/// A connection's IO, passed through unchanged, with a watcher.
+pub struct Watched<T, W> {
+    io: T,
+    watch: W,
+}
+
+impl<T, W: Watch> Watched<T, W> {
+    pub fn new(io: T, watch: W) -> Self {
+        Watched { io, watch }
+    }
+}
+
+impl<T: Read + Unpin, W: Unpin> Read for Watched<T, W> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin, W: Watch + Unpin> Write for Watched<T, W> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            this.watch.flushed();
+        }
+        flushed
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl<T: Connection, W> Connection for Watched<T, W> {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+/// Counts a connection in an open-connections gauge for as long as it lives.
+pub struct OpenConnection(IntGauge);
+
+impl OpenConnection {
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Watch for OpenConnection {}

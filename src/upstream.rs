@@ -3,15 +3,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
-use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::{Histogram, IntGauge};
@@ -21,6 +19,7 @@ use tower_service::Service;
 use crate::buffers::{Reads, Slots, Stream};
 use crate::error::SetupError;
 use crate::metrics::Metrics;
+use crate::socket::{OpenConnection, Watched};
 use crate::timed_body::Side;
 
 /// Where requests go: the parsed `--upstream`.
@@ -176,7 +175,8 @@ where
     C::Future: Send + 'static,
     C::Error: Into<BoxError>,
 {
-    type Response = CountedIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
+    /// Counted in the open-connections gauge until it closes.
+    type Response = Watched<MaybeHttpsStream<TokioIo<TcpStream>>, OpenConnection>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -196,59 +196,8 @@ where
                 MaybeHttpsStream::Http(tcp) => tcp.inner(),
                 MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().inner(),
             });
-            open.inc();
-            Ok(CountedIo { io, open: Arc::new(open) })
+            Ok(Watched::new(io, OpenConnection::new(open)))
         })
-    }
-}
-
-/// An upstream connection that keeps the open-connections gauge honest when it closes.
-pub struct CountedIo<T> {
-    io: T,
-    open: Arc<IntGauge>,
-}
-
-impl<T> Drop for CountedIo<T> {
-    fn drop(&mut self) {
-        self.open.dec();
-    }
-}
-
-impl<T: Read + Unpin> Read for CountedIo<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<T: Write + Unpin> Write for CountedIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-}
-
-impl<T: Connection> Connection for CountedIo<T> {
-    fn connected(&self) -> Connected {
-        self.io.connected()
     }
 }
 
