@@ -9,13 +9,15 @@
 //! - [`exchange`]: one request's timeline and what it records when it is over.
 //! - [`proxy`]: one exchange end to end; [`upstream`]: the pooled client; [`tls`]: rustls.
 //! - [`server`]: listeners, accept loops, graceful shutdown; [`admin`]: the admin port.
-//! - [`buffers`]: how much a connection reads at once, by load (memory stays bounded).
+//! - [`buffers`]: how much a connection reads at once, by load (memory stays bounded);
+//!   [`trim`]: memory given back once a burst of connections is over.
 //! - [`phases`]: upload phases, v1 and v2 in one vocabulary; [`manifest`]: what a pull fetches.
 //! - [`timeline`]: a transfer's requests on one time axis, and who each instant belongs to.
 //! - [`transfers`]: grouping requests into pushes and pulls; [`report`]: the table people read.
 //! - [`waterfall`] and [`ui`]: each transfer as a waterfall, and the admin port's pages.
 //! - [`metrics`]: every Prometheus family (the contract); [`config`]: flags and env twins.
-#![forbid(unsafe_code)]
+// One audited exception: `trim` calls glibc's `malloc_trim`.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod buffers;
@@ -35,6 +37,7 @@ pub mod timed_body;
 pub mod timeline;
 pub mod tls;
 pub mod transfers;
+pub mod trim;
 pub mod ui;
 pub mod upstream;
 pub mod waterfall;
