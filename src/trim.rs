@@ -24,15 +24,14 @@ pub struct Trigger {
 }
 
 impl Trigger {
-    /// Records the connections open now; true when a burst of at least [`BURST`] has come down
-    /// to a quarter of its peak, which then starts over from `open`.
-    pub fn observe(&mut self, open: usize) -> bool {
+    /// Records the connections open now. When a burst of at least [`BURST`] has come down to a
+    /// quarter of its peak, returns that peak and starts over from `open`.
+    pub fn observe(&mut self, open: usize) -> Option<usize> {
         self.peak = self.peak.max(open);
         if self.peak >= BURST && open <= self.peak / 4 {
-            self.peak = open;
-            return true;
+            return Some(std::mem::replace(&mut self.peak, open));
         }
-        false
+        None
     }
 }
 
@@ -43,11 +42,27 @@ pub async fn run(open: impl Fn() -> usize) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if trigger.observe(open()) {
+        let now = open();
+        if let Some(peak) = trigger.observe(now) {
+            let before = resident_kib();
             let released = tokio::task::spawn_blocking(release).await.unwrap_or(false);
-            tracing::debug!(released, "burst over: returned free heap pages to the system");
+            tracing::info!(
+                peak,
+                open = now,
+                resident_kib_before = before,
+                resident_kib_after = resident_kib(),
+                released,
+                "burst over: free heap returned to the system"
+            );
         }
     }
+}
+
+/// The process's resident memory, where the system says.
+fn resident_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Returns free heap pages to the system; true if any were.
@@ -69,22 +84,24 @@ fn release() -> bool {
 mod tests {
     use super::*;
 
-    /// Each case: the open counts seen, one per tick, and the ticks that trim.
+    /// Each case: the open counts seen, one per tick, and the ticks that trim with the peak each
+    /// reports.
     #[test]
     fn trims_when_a_burst_has_come_down_and_never_for_small_loads() {
-        let cases: &[(&str, &[usize], &[usize])] = &[
+        type Case = (&'static str, &'static [usize], &'static [(usize, usize)]);
+        let cases: &[Case] = &[
             ("quiet", &[0, 3, 10, 2, 0, 0], &[]),
             ("just under a burst", &[0, 63, 0, 0], &[]),
-            ("one burst, trimmed again as it drains further", &[0, 1000, 900, 300, 250, 10, 0], &[4, 5]),
-            ("two bursts", &[1000, 100, 0, 0, 500, 120, 0], &[1, 2, 5, 6]),
+            ("one burst, trimmed again as it drains further", &[0, 1000, 900, 300, 250, 10, 0], &[(4, 1000), (5, 250)]),
+            ("two bursts", &[1000, 100, 0, 0, 500, 120, 0], &[(1, 1000), (2, 100), (5, 500), (6, 120)]),
             ("a burst that never comes down far", &[1000, 600, 400, 300, 251], &[]),
-            ("a new peak before it came down", &[100, 800, 300, 150], &[3]),
-            ("a long-lived load between bursts", &[40, 140, 40, 35, 140, 30], &[3, 5]),
+            ("a new peak before it came down", &[100, 800, 300, 150], &[(3, 800)]),
+            ("a long-lived load between bursts", &[40, 140, 40, 35, 140, 30], &[(3, 140), (5, 140)]),
         ];
         for (name, opens, want) in cases {
             let mut trigger = Trigger::default();
-            let got: Vec<usize> =
-                opens.iter().enumerate().filter(|&(_, &open)| trigger.observe(open)).map(|(i, _)| i).collect();
+            let got: Vec<(usize, usize)> =
+                opens.iter().enumerate().filter_map(|(i, &open)| Some((i, trigger.observe(open)?))).collect();
             assert_eq!(&got, want, "{name}");
         }
     }
@@ -94,27 +111,20 @@ mod tests {
     fn release_gives_freed_pages_back() {
         // Many live 16 KiB chunks, freed all but every 16th: holes glibc's free cannot return.
         let mut chunks: Vec<Vec<u8>> = (0..4096).map(|i| vec![i as u8; 16 << 10]).collect();
-        let before = resident_kib();
+        let before = resident_kib().unwrap();
         for (i, chunk) in chunks.iter_mut().enumerate() {
             if i % 16 != 0 {
                 *chunk = Vec::new();
             }
         }
-        let freed_but_kept = resident_kib();
+        let freed_but_kept = resident_kib().unwrap();
         assert!(release(), "there were free pages to return");
-        let after = resident_kib();
+        let after = resident_kib().unwrap();
         assert!(
             after + 32 * 1024 < freed_but_kept,
             "64 MiB allocated ({before} KiB resident), 60 freed ({freed_but_kept} KiB resident), \
              {after} KiB resident after the trim"
         );
         drop(chunks);
-    }
-
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    fn resident_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 }
