@@ -7,12 +7,26 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     match cli.command {
-        Some(Command::Serve(config)) => serve(config, &runtime),
-        None => serve(cli.serve, &runtime),
-        Some(Command::Report(config)) => report(config, &runtime),
+        Some(Command::Serve(config)) => serve(config),
+        None => serve(cli.serve),
+        Some(Command::Report(config)) => report(config, &runtime(Some(1))?),
     }
+}
+
+/// One thread: a current-thread runtime (no work stealing, no waking another thread). More: a
+/// multi-thread runtime with that many workers (default: one per CPU).
+fn runtime(threads: Option<u16>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(usize::from(n));
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build().context("starting the runtime")
 }
 
 fn report(config: regscope::config::ReportConfig, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
@@ -46,9 +60,10 @@ fn report(config: regscope::config::ReportConfig, runtime: &tokio::runtime::Runt
     Ok(())
 }
 
-fn serve(config: regscope::config::ServeConfig, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+fn serve(config: regscope::config::ServeConfig) -> anyhow::Result<()> {
     init_logging(config.log_format);
-    runtime.block_on(async { regscope::serve(config, shutdown_signal()).await.context("regscope serve") })
+    runtime(config.threads)?
+        .block_on(async { regscope::serve(config, shutdown_signal()).await.context("regscope serve") })
 }
 
 fn init_logging(format: LogFormat) {
