@@ -94,8 +94,8 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_LARGE_READ_STREAMS", default_value_t = 4)]
     pub large_read_streams: usize,
 
-    /// Threads serving connections; default one per CPU. 1 runs everything on one thread: about
-    /// a tenth less CPU per small request (no wake-ups between threads), but one core at most.
+    /// Threads serving connections; default one per CPU. 1 runs everything on one thread: 5–30 %
+    /// less CPU per small request (no wake-ups between threads), but one core at most.
     #[arg(long, env = "REGSCOPE_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
 
