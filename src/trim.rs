@@ -1,6 +1,6 @@
 //! Gives memory back to the system once a burst of connections is over.
 //!
-//! While a thousand transfers run, hyper holds some 50 KiB of buffers for each; when they end,
+//! While a thousand transfers run, hyper holds some 60 KiB of buffers for each; when they end,
 //! glibc's allocator keeps the freed chunks wherever a few live ones (pooled connections, kept
 //! transfers) sit between them, and the next burst lands partly beside them. Resident memory
 //! ratcheted up burst after burst (69, 88, 100, 102 MiB over four bursts of 1000 GETs) while
