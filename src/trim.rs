@@ -6,7 +6,7 @@
 //! ratcheted up burst after burst (69, 88, 100, 102 MiB over four bursts of 1000 GETs) while
 //! the live heap after each was 15 MiB. `malloc_trim` hands back every free page wherever it
 //! is, so each burst starts again from what is live (the same bursts, trimmed between: 66, 66,
-//! 73, 74 MiB). It walks the whole heap, so it runs only once a burst is over, off the
+//! 73, 73 MiB). It walks the whole heap, so it runs only once a burst is over, off the
 //! runtime's threads.
 
 use std::time::Duration;
