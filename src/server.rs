@@ -64,11 +64,6 @@ pub async fn run(
     let large_reads = Slots::new(limits.large_read_connections);
 
     let admin_task = tokio::spawn(admin_loop(admin_listener, admin.clone()));
-    let trim_task = {
-        let slots = slots.clone();
-        let max = limits.max_connections;
-        tokio::spawn(crate::trim::run(move || max.saturating_sub(slots.available_permits())))
-    };
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -141,7 +136,6 @@ pub async fn run(
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over, exiting with requests in flight"),
     }
     admin_task.abort();
-    trim_task.abort();
 }
 
 /// One builder per protocol (and read size): the protocol is decided before serving (ALPN, or

@@ -11,6 +11,8 @@
 
 use std::time::Duration;
 
+use prometheus::IntGauge;
+
 /// Fewer open connections than this since the last trim is not a burst worth trimming after.
 pub const BURST: usize = 64;
 
@@ -35,14 +37,19 @@ impl Trigger {
     }
 }
 
-/// Watches `open` (client connections open now) and trims after each burst, until dropped.
-pub async fn run(open: impl Fn() -> usize) {
+/// Watches the client connections open now (the `regscope_connections{side="client"}` gauge)
+/// and trims after each burst, for as long as the runtime runs.
+pub fn spawn(open: IntGauge) {
+    tokio::spawn(run(open));
+}
+
+async fn run(open: IntGauge) {
     let mut trigger = Trigger::default();
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = open();
+        let now = usize::try_from(open.get()).unwrap_or(0);
         if let Some(peak) = trigger.observe(now) {
             let before = resident_kib();
             let released = tokio::task::spawn_blocking(release).await.unwrap_or(false);
