@@ -192,7 +192,12 @@ impl Builders {
         }
         let drain = Arc::new(Drain::default());
         conn.drain = Some(drain.clone());
-        let service = service_fn(move |req| proxy.clone().handle(req, conn.clone()));
+        // Detached in `call`, before hyper's next read of the connection: not in the handler,
+        // which hyper only polls after that read.
+        let service = service_fn(move |mut req| {
+            crate::headers::detach_head(&mut req);
+            proxy.clone().handle(req, conn.clone())
+        });
         let io = Watched::new(io, DrainOnClose(drain));
         let stream = large_reads.start();
         let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
