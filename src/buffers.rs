@@ -10,6 +10,8 @@
 //! and a class is only given while the side has at most its `until` streams, so no class ever
 //! holds more than `until` streams and memory stays bounded whatever the load. Small reads also
 //! share the CPU fairly: a 1 MiB reader moves 64 times as much per turn as a 16 KiB one.
+//! With more than 64 client connections open, an upstream stream counts them too: each can
+//! start a transfer at any moment ([`Slots::start_with_open`]).
 //!
 //! The largest class also needs one of `--large-read-streams` slots, never waited for.
 
@@ -81,9 +83,19 @@ impl Slots {
 
     /// Counts a new stream and gives it the largest class the side's load allows.
     pub fn start(&self) -> Stream {
+        self.start_with_open(0)
+    }
+
+    /// As [`Slots::start`], on a proxy with `open` client connections. Beyond the middle
+    /// class's `until`, each of them counts as a stream about to start (any may send a request
+    /// at once), so a burst on a thousand idle connections reads small from its first stream
+    /// on, where its first few would otherwise take the larger classes and keep them. A docker
+    /// push or pull (a handful of connections) is not affected.
+    pub fn start_with_open(&self, open: usize) -> Stream {
         let active = self.active.fetch_add(1, Ordering::Relaxed) + 1;
-        let slot = if active <= self.count { self.large.clone().try_acquire_owned().ok() } else { None };
-        let class = if slot.is_some() { 0 } else { 1 + CLASSES.iter().position(|c| active <= c.until).unwrap_or(0) };
+        let load = if open > CLASSES[0].until { active.max(open) } else { active };
+        let slot = if load <= self.count { self.large.clone().try_acquire_owned().ok() } else { None };
+        let class = if slot.is_some() { 0 } else { 1 + CLASSES.iter().position(|c| load <= c.until).unwrap_or(0) };
         Stream { class, slot, active: self.active.clone() }
     }
 }
@@ -147,6 +159,29 @@ mod tests {
         // Read sizes only shrink down the list, and the last class takes everything.
         assert!(classes.windows(2).all(|w| w[0].reads.max() >= w[1].reads.max() && w[0].until <= w[1].until));
         assert_eq!(classes.last().unwrap().until, usize::MAX);
+    }
+
+    #[test]
+    fn many_open_connections_make_a_quiet_side_read_small() {
+        // (streams already active, open client connections) -> class of the next stream
+        let cases = [
+            ((0, 0), 0),
+            ((0, 5), 0),
+            ((0, 64), 0),
+            ((0, 65), 2),
+            ((0, 1000), 2),
+            ((3, 64), 0),
+            ((10, 64), 1),
+            ((10, 65), 2),
+            ((70, 10), 2),
+        ];
+        for ((active, open), want) in cases {
+            let slots = Slots::new(4);
+            let held: Vec<Stream> = (0..active).map(|_| slots.start()).collect();
+            let next = slots.start_with_open(open);
+            assert_eq!(next.class(), want, "{active} active, {open} open");
+            drop(held);
+        }
     }
 
     #[test]

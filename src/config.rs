@@ -70,7 +70,8 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_UPSTREAM_RESPONSE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     pub upstream_response_timeout: Duration,
 
-    /// Idle pooled connections to the registry are closed after this long.
+    /// Idle pooled connections to the registry are closed after this long (those that read
+    /// more than 16 KiB at once after at most 2 s: they hold their read buffer).
     #[arg(long, env = "REGSCOPE_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
 
@@ -88,8 +89,8 @@ pub struct ServeConfig {
     pub max_connections: usize,
 
     /// How many streams at a time may read 1 MiB at once (per side: client connections and
-    /// upstream exchanges), given while the side has no more streams than this. Busier, new
-    /// upstream streams read 64 or 16 KiB. Large reads move a blob at about twice the rate;
+    /// upstream exchanges), given while the side has no more streams than this (upstream: nor
+    /// more than 64 client connections open). Busier, new upstream streams read 64 or 16 KiB. Large reads move a blob at about twice the rate;
     /// small ones keep a thousand concurrent transfers within tens of MiB. 0: none read large.
     #[arg(long, env = "REGSCOPE_LARGE_READ_STREAMS", default_value_t = 4)]
     pub large_read_streams: usize,

@@ -63,14 +63,23 @@ impl UpstreamTarget {
 /// Idle connections kept per pool (nginx's usual `keepalive 64`).
 const MAX_IDLE: usize = 64;
 
+/// How long an idle connection of a class larger than the smallest is kept (when the idle
+/// timeout is longer). hyper keeps a pooled connection's read buffer at its last size, up to
+/// 1 MiB: a transfer that follows within this reuses it, one later pays a connect (about a
+/// round trip), where the pool would hold megabytes for the whole idle timeout.
+const LARGER_CLASS_IDLE: Duration = Duration::from_secs(2);
+
 pub type Connector = TimedConnector<HttpsConnector<HttpConnector>>;
 pub type UpstreamClient<B> = Client<Connector, B>;
 
 /// The registry behind one pool per read class (see [`crate::buffers`]): each exchange takes
-/// a connection of the largest class its side's load allows.
+/// a connection of the largest class the load allows (exchanges in flight, and open client
+/// connections when there are many).
 pub struct Upstreams<B> {
     clients: Vec<UpstreamClient<B>>,
     slots: Slots,
+    /// Client connections open now (the connections gauge).
+    clients_open: IntGauge,
 }
 
 impl<B> Upstreams<B>
@@ -91,17 +100,23 @@ where
         let slots = Slots::new(large_slots);
         // Idle connections keep their buffers: no more of a class than it may use at once, and
         // after a burst of a thousand transfers, not a thousand either.
-        let clients = slots
-            .classes()
+        let classes = slots.classes();
+        let smallest = classes.len() - 1;
+        let clients = classes
             .iter()
-            .map(|class| client(connector.clone(), class.reads, class.until.min(MAX_IDLE), idle_timeout))
+            .enumerate()
+            .map(|(i, class)| {
+                let idle = if i < smallest { idle_timeout.min(LARGER_CLASS_IDLE) } else { idle_timeout };
+                client(connector.clone(), class.reads, class.until.min(MAX_IDLE), idle)
+            })
             .collect();
-        Upstreams { clients, slots }
+        Upstreams { clients, slots, clients_open: metrics.connection_gauge(Side::Client) }
     }
 
     /// The client for a new exchange, and the stream it counts as until the exchange is over.
     pub fn pick(&self) -> (&UpstreamClient<B>, Stream) {
-        let stream = self.slots.start();
+        let open = usize::try_from(self.clients_open.get()).unwrap_or(0);
+        let stream = self.slots.start_with_open(open);
         (&self.clients[stream.class()], stream)
     }
 }

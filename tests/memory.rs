@@ -1,12 +1,13 @@
 //! After a crowd of clients leaves, regscope gives the heap it grew for them back to the system
-//! (`src/trim.rs`), and says so.
+//! (`src/trim.rs`), and says so. Upstream connections that read large are not kept idle for
+//! long, and with many client connections open a new exchange reads small (`src/buffers.rs`).
 
 mod support;
 
 use std::time::Duration;
 
 use support::client::Conn;
-use support::{eventually, Registry, Regscope};
+use support::{eventually, metric_sum, Registry, Regscope};
 
 const CROWD: usize = 120;
 
@@ -45,4 +46,48 @@ fn the_heap_a_crowd_grew_is_given_back_once_it_has_left() {
     let before = event["resident_kib_before"].as_u64().expect("resident memory before");
     let after = event["resident_kib_after"].as_u64().expect("resident memory after");
     assert!(after <= before, "a trim never grows the process: {before} KiB before, {after} KiB after");
+}
+
+/// Open connections on one side, from the `regscope_connections` gauge.
+fn open(regscope: &Regscope, side: &str) -> f64 {
+    metric_sum(&regscope.metrics_text(), "regscope_connections", &[("side", side)])
+}
+
+#[test]
+fn a_crowd_of_open_connections_reads_small_and_large_readers_are_not_kept_idle() {
+    let registry = Registry::start();
+    let regscope = Regscope::start(&["--upstream", &registry.url()]);
+    let proxy = regscope.proxy_addr();
+    let host = proxy.to_string();
+    let before = open(&regscope, "registry");
+
+    // A quiet proxy: the exchange takes a large-read upstream connection, pooled after it.
+    let mut client = Conn::connect(proxy);
+    assert_eq!(client.request("GET", "/v2/", &[("Host", &host)], b"").unwrap().status(), 200);
+    assert!(eventually(Duration::from_secs(5), || open(&regscope, "registry") == before + 1.0));
+
+    // With more than 64 client connections open, the next exchange takes the smallest class:
+    // a pool of its own, so a second upstream connection, although the large one is idle.
+    let crowd: Vec<_> = (0..70).map(|_| Conn::connect(proxy)).collect();
+    assert!(
+        eventually(Duration::from_secs(5), || open(&regscope, "client") >= 71.0),
+        "the crowd is not counted: {}",
+        open(&regscope, "client")
+    );
+    assert_eq!(client.request("GET", "/v2/", &[("Host", &host)], b"").unwrap().status(), 200);
+    assert!(
+        eventually(Duration::from_secs(5), || open(&regscope, "registry") == before + 2.0),
+        "the crowded exchange reused the large-read connection: {} open upstream",
+        open(&regscope, "registry")
+    );
+
+    // The large-read connection is closed after its 2 s; the small one stays for the idle timeout.
+    assert!(
+        eventually(Duration::from_secs(10), || open(&regscope, "registry") == before + 1.0),
+        "the large-read connection was kept idle: {} open upstream",
+        open(&regscope, "registry")
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(open(&regscope, "registry"), before + 1.0, "the small-read connection was not kept");
+    drop(crowd);
 }
