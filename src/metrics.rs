@@ -348,6 +348,21 @@ impl Metrics {
     pub fn connection_gauge(&self, side: crate::timed_body::Side) -> IntGauge {
         self.connections.with_label_values(&[side.as_str()])
     }
+
+    /// The client connections open now, as the trimmer and the upstream read classes read them.
+    pub fn open_clients(&self) -> OpenClients {
+        OpenClients(self.connection_gauge(crate::timed_body::Side::Client))
+    }
+}
+
+/// Reads the client side of the connections gauge as a count (one atomic load).
+#[derive(Clone)]
+pub struct OpenClients(IntGauge);
+
+impl OpenClients {
+    pub fn now(&self) -> usize {
+        usize::try_from(self.0.get()).unwrap_or(0)
+    }
 }
 
 /// The opt-in repository label, capped: the first `cap` distinct repositories get their own

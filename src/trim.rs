@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use prometheus::IntGauge;
+use crate::metrics::OpenClients;
 
 /// Fewer open connections than this since the last trim is not a burst worth trimming after.
 pub const BURST: usize = 64;
@@ -39,17 +39,17 @@ impl Trigger {
 
 /// Watches the client connections open now (the `regscope_connections{side="client"}` gauge)
 /// and trims after each burst, for as long as the runtime runs.
-pub fn spawn(open: IntGauge) {
+pub fn spawn(open: OpenClients) {
     tokio::spawn(run(open));
 }
 
-async fn run(open: IntGauge) {
+async fn run(open: OpenClients) {
     let mut trigger = Trigger::default();
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = usize::try_from(open.get()).unwrap_or(0);
+        let now = open.now();
         if let Some(peak) = trigger.observe(now) {
             let before = resident_kib();
             let released = tokio::task::spawn_blocking(release).await.unwrap_or(false);

@@ -18,7 +18,7 @@ use tower_service::Service;
 
 use crate::buffers::{Reads, Slots, Stream};
 use crate::error::SetupError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OpenClients};
 use crate::socket::{OpenConnection, Watched};
 use crate::timed_body::Side;
 
@@ -78,8 +78,7 @@ pub type UpstreamClient<B> = Client<Connector, B>;
 pub struct Upstreams<B> {
     clients: Vec<UpstreamClient<B>>,
     slots: Slots,
-    /// Client connections open now (the connections gauge).
-    clients_open: IntGauge,
+    clients_open: OpenClients,
 }
 
 impl<B> Upstreams<B>
@@ -110,13 +109,12 @@ where
                 client(connector.clone(), class.reads, class.until.min(MAX_IDLE), idle)
             })
             .collect();
-        Upstreams { clients, slots, clients_open: metrics.connection_gauge(Side::Client) }
+        Upstreams { clients, slots, clients_open: metrics.open_clients() }
     }
 
     /// The client for a new exchange, and the stream it counts as until the exchange is over.
     pub fn pick(&self) -> (&UpstreamClient<B>, Stream) {
-        let open = usize::try_from(self.clients_open.get()).unwrap_or(0);
-        let stream = self.slots.start_with_open(open);
+        let stream = self.slots.start_with_open(self.clients_open.now());
         (&self.clients[stream.class()], stream)
     }
 }
