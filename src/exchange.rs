@@ -152,7 +152,7 @@ impl Exchange {
         recorders: Arc<Recorders>,
     ) -> Arc<Exchange> {
         let api = route.api();
-        recorders.metrics.in_flight.with_label_values(&[api.as_str()]).inc();
+        recorders.metrics.in_flight_of(route.operation).inc();
         let owned = |s: Option<&str>| s.map(Box::from);
         let exchange = Arc::new(Exchange {
             record: ExchangeRecord {
@@ -317,7 +317,7 @@ impl Drop for Exchange {
 
         // Log first: whoever sees the metrics move can then find the event.
         log(&record, &self.log_path);
-        self.recorders.metrics.in_flight.with_label_values(&[record.api.as_str()]).dec();
+        self.recorders.metrics.in_flight_of(record.operation).dec();
         observe(&self.recorders.metrics, &record);
         self.recorders.sink.finished(record);
     }
@@ -341,28 +341,28 @@ fn observe(m: &Metrics, r: &ExchangeRecord) {
     m.requests_total.with_label_values(&[api, op, method, code]).inc();
     m.request_duration.with_label_values(&[api, op, method, code]).observe(r.duration().as_secs_f64());
     if let Some(wait) = r.upstream_wait() {
-        m.upstream_response.with_label_values(&[api, op]).observe(wait.as_secs_f64());
+        m.upstream_response_of(r.operation).observe(wait.as_secs_f64());
     }
     for body in [r.upload.as_ref(), r.download.as_ref()].into_iter().flatten() {
-        let dir = body.direction.as_str();
+        let dir = body.direction;
         if body.bytes > 0 {
-            m.body_bytes_total.with_label_values(&[api, op, dir]).inc_by(body.bytes);
-            m.body_size.with_label_values(&[api, op, dir]).observe(body.bytes as f64);
+            m.body_bytes_of(r.operation, dir).inc_by(body.bytes);
+            m.body_size_of(r.operation, dir).observe(body.bytes as f64);
             let span = match (body.first_poll, body.last_byte) {
                 (Some(a), Some(b)) => b.saturating_duration_since(a),
                 _ => Duration::ZERO,
             };
-            m.body_transfer.with_label_values(&[api, op, dir]).observe(span.as_secs_f64());
+            m.body_transfer_of(r.operation, dir).observe(span.as_secs_f64());
             if body.bytes >= THROUGHPUT_MIN_BYTES && !span.is_zero() {
                 let rate = body.bytes as f64 / span.as_secs_f64();
-                m.throughput.with_label_values(&[api, op, dir]).observe(rate);
+                m.throughput_of(r.operation, dir).observe(rate);
             }
         }
         if body.first_poll.is_some() {
             for side in Side::ALL {
                 let wait = body.wait_on(side).as_secs_f64();
-                m.body_stall_total.with_label_values(&[api, op, dir, side.as_str()]).inc_by(wait);
-                m.body_stall.with_label_values(&[api, op, dir, side.as_str()]).observe(wait);
+                m.body_stall_total_of(r.operation, dir, side).inc_by(wait);
+                m.body_stall_of(r.operation, dir, side).observe(wait);
             }
         }
     }

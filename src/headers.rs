@@ -59,7 +59,14 @@ pub fn detach_head<B>(req: &mut http::Request<B>) {
 }
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
+///
+/// Most messages carry none: one pass over the names they do carry decides that, where removing
+/// each of the ten by name would parse and hash every name twice per request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // `Connection` is hop-by-hop itself, so a message naming others there takes the long way.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(&name.as_str())) {
+        return;
+    }
     // Names listed in Connection are hop-by-hop too. Collected first: we cannot remove while
     // borrowing. Rare enough (almost always `keep-alive` or `close`) to allocate for.
     let listed: Vec<HeaderName> = headers
@@ -77,6 +84,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+// Built at compile time: `from_static` at run time validates the name on every call.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Which `Host` the registry sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HostMode {
@@ -90,8 +102,8 @@ pub enum HostMode {
 /// How the client reached us, as needed to build forwarding headers.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientView<'a> {
-    /// The client's IP address.
-    pub ip: std::net::IpAddr,
+    /// The client's IP address as [`forwarded_for`] writes it.
+    pub ip: &'a HeaderValue,
     /// `http` or `https`: the scheme of the client's connection to us.
     pub scheme: &'static str,
     /// The authority the client asked for (`Host`, or the h2 `:authority`).
@@ -107,7 +119,7 @@ pub fn forward_request_headers(
 ) {
     strip_hop_by_hop(headers);
     append_forwarded_for(headers, client.ip);
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(client.scheme));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme));
     let client_host = client.host.and_then(|h| HeaderValue::from_str(h).ok());
     match mode {
         HostMode::Preserve => {
@@ -122,23 +134,32 @@ pub fn forward_request_headers(
     // Sent in both modes: over h2 the registry sees `:authority` (the upstream) whatever
     // `Host` says, and distribution builds `Location` from X-Forwarded-Host when present.
     match client_host {
-        Some(host) => headers.insert(HeaderName::from_static("x-forwarded-host"), host),
-        None => headers.remove("x-forwarded-host"),
+        Some(host) => headers.insert(X_FORWARDED_HOST, host),
+        None => headers.remove(X_FORWARDED_HOST),
     };
     // `Forwarded` takes precedence over X-Forwarded-* in distribution: a client-supplied one
     // could point Location URLs anywhere, so it never passes.
     headers.remove(header::FORWARDED);
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
-    let name = HeaderName::from_static("x-forwarded-for");
-    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip.to_string(),
+/// A client address as `X-Forwarded-For` carries it. Made once per connection: formatting the
+/// address was a sizeable part of what regscope did to a small request's headers.
+pub fn forwarded_for(ip: std::net::IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => {
+            let joined = [prior.as_bytes(), b", ", ip.as_bytes()].concat();
+            match HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+                Ok(value) => value,
+                Err(_) => return,
+            }
+        }
+        _ => ip.clone(),
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(name, value);
-    }
+    headers.insert(X_FORWARDED_FOR, value);
 }
 
 /// Turns the registry's response headers into the headers sent to the client.
@@ -317,10 +338,33 @@ mod tests {
     }
 
     #[test]
+    fn a_message_without_hop_by_hop_headers_is_left_as_it_is() {
+        let original = map(&[
+            ("accept", "application/vnd.oci.image.manifest.v1+json"),
+            ("accept", "application/vnd.docker.distribution.manifest.v2+json"),
+            ("authorization", "Bearer t"),
+            ("x-connection", "close"),
+            ("content-length", "0"),
+        ]);
+        let mut h = original.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, original);
+    }
+
+    #[test]
+    fn forwarded_for_is_the_plain_address() {
+        assert_eq!(forwarded_for(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))), "10.1.2.3");
+        assert_eq!(forwarded_for("2001:db8::1".parse().unwrap()), "2001:db8::1");
+    }
+
+    #[test]
     fn forwarding_headers_per_host_mode() {
         let upstream = HeaderValue::from_static("registry.internal:5000");
-        let client =
-            ClientView { ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), scheme: "https", host: Some("proxy:5001") };
+        let client = ClientView {
+            ip: &forwarded_for(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))),
+            scheme: "https",
+            host: Some("proxy:5001"),
+        };
         let base = [("x-forwarded-for", "192.0.2.1"), ("forwarded", "host=evil"), ("x-forwarded-host", "evil")];
 
         let mut h = map(&base);

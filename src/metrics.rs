@@ -5,12 +5,16 @@
 //! opt-in exception, `--label-repository N`, is capped by [`RepositoryLabels`].
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use http::Method;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::route::Operation;
+use crate::timed_body::{Direction, Side};
 
 /// Durations from 1 ms to 1 h.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -126,6 +130,64 @@ pub struct Metrics {
     pub image_time_total: prometheus::CounterVec,
     /// Caps the opt-in repository label.
     pub repositories: RepositoryLabels,
+    /// The per-request families' children, resolved once per label set.
+    children: PerRequest,
+}
+
+/// Children of a family whose label values all follow from enums, reached by index.
+///
+/// `with_label_values` hashes the values and takes the family's lock on every call, and a request
+/// made a dozen such calls. Here each label set is resolved on first use (so the exposition still
+/// shows only label sets that happened) and read after that without hashing or locking.
+struct Children<M> {
+    slots: Box<[OnceLock<M>]>,
+}
+
+impl<M> Children<M> {
+    fn new(len: usize) -> Self {
+        Children { slots: (0..len).map(|_| OnceLock::new()).collect() }
+    }
+
+    /// The child at `index`; `resolve` must look up the label set `index` stands for.
+    fn get(&self, index: usize, resolve: impl FnOnce() -> M) -> &M {
+        self.slots[index].get_or_init(resolve)
+    }
+}
+
+/// Indexes: the operation (its api follows from it), then direction, then side.
+struct PerRequest {
+    in_flight: Children<IntGauge>,
+    upstream_response: Children<Histogram>,
+    body_bytes: Children<IntCounter>,
+    body_size: Children<Histogram>,
+    body_transfer: Children<Histogram>,
+    throughput: Children<Histogram>,
+    body_stall_total: Children<Counter>,
+    body_stall: Children<Histogram>,
+}
+
+impl PerRequest {
+    fn new() -> Self {
+        let ops = Operation::ALL.len();
+        PerRequest {
+            in_flight: Children::new(ops),
+            upstream_response: Children::new(ops),
+            body_bytes: Children::new(ops * 2),
+            body_size: Children::new(ops * 2),
+            body_transfer: Children::new(ops * 2),
+            throughput: Children::new(ops * 2),
+            body_stall_total: Children::new(ops * 4),
+            body_stall: Children::new(ops * 4),
+        }
+    }
+}
+
+fn body_index(op: Operation, dir: Direction) -> usize {
+    op as usize * 2 + dir as usize
+}
+
+fn stall_index(op: Operation, dir: Direction, side: Side) -> usize {
+    body_index(op, dir) * 2 + side as usize
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
@@ -263,6 +325,7 @@ impl Metrics {
             ),
             repositories: RepositoryLabels::new(repository_cap),
             registry,
+            children: PerRequest::new(),
         };
         let build_info =
             gauge("regscope_build_info", "Always 1; the version label says which regscope is running.", &["version"]);
@@ -345,6 +408,45 @@ impl Metrics {
         out
     }
 
+    /// `regscope_in_flight_requests` for the operation's api.
+    pub fn in_flight_of(&self, op: Operation) -> &IntGauge {
+        self.children.in_flight.get(op as usize, || self.in_flight.with_label_values(&[op.api().as_str()]))
+    }
+
+    pub fn upstream_response_of(&self, op: Operation) -> &Histogram {
+        self.children
+            .upstream_response
+            .get(op as usize, || self.upstream_response.with_label_values(&[op.api().as_str(), op.as_str()]))
+    }
+
+    pub fn body_bytes_of(&self, op: Operation, dir: Direction) -> &IntCounter {
+        self.children.body_bytes.get(body_index(op, dir), || self.body_bytes_total.with_label_values(&body(op, dir)))
+    }
+
+    pub fn body_size_of(&self, op: Operation, dir: Direction) -> &Histogram {
+        self.children.body_size.get(body_index(op, dir), || self.body_size.with_label_values(&body(op, dir)))
+    }
+
+    pub fn body_transfer_of(&self, op: Operation, dir: Direction) -> &Histogram {
+        self.children.body_transfer.get(body_index(op, dir), || self.body_transfer.with_label_values(&body(op, dir)))
+    }
+
+    pub fn throughput_of(&self, op: Operation, dir: Direction) -> &Histogram {
+        self.children.throughput.get(body_index(op, dir), || self.throughput.with_label_values(&body(op, dir)))
+    }
+
+    pub fn body_stall_total_of(&self, op: Operation, dir: Direction, side: Side) -> &Counter {
+        self.children
+            .body_stall_total
+            .get(stall_index(op, dir, side), || self.body_stall_total.with_label_values(&stall(op, dir, side)))
+    }
+
+    pub fn body_stall_of(&self, op: Operation, dir: Direction, side: Side) -> &Histogram {
+        self.children
+            .body_stall
+            .get(stall_index(op, dir, side), || self.body_stall.with_label_values(&stall(op, dir, side)))
+    }
+
     pub fn connection_gauge(&self, side: crate::timed_body::Side) -> IntGauge {
         self.connections.with_label_values(&[side.as_str()])
     }
@@ -353,6 +455,15 @@ impl Metrics {
     pub fn open_clients(&self) -> OpenClients {
         OpenClients(self.connection_gauge(crate::timed_body::Side::Client))
     }
+}
+
+/// The `api`, `operation`, `direction` label values.
+fn body(op: Operation, dir: Direction) -> [&'static str; 3] {
+    [op.api().as_str(), op.as_str(), dir.as_str()]
+}
+
+fn stall(op: Operation, dir: Direction, side: Side) -> [&'static str; 4] {
+    [op.api().as_str(), op.as_str(), dir.as_str(), side.as_str()]
 }
 
 /// Reads the client side of the connections gauge as a count (one atomic load).
@@ -424,6 +535,45 @@ mod tests {
     fn method_label_is_closed() {
         assert_eq!(method_label(&Method::PATCH), "PATCH");
         assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+    }
+
+    #[test]
+    fn indexes_follow_the_enums() {
+        for (i, op) in Operation::ALL.iter().enumerate() {
+            assert_eq!(*op as usize, i, "{op:?}");
+        }
+        assert_eq!(Direction::ALL.map(|d| d as usize), [0, 1]);
+        assert_eq!(Side::ALL.map(|s| s as usize), [0, 1]);
+        let mut seen = HashSet::new();
+        for op in Operation::ALL {
+            for dir in Direction::ALL {
+                for side in Side::ALL {
+                    assert!(seen.insert(stall_index(*op, dir, side)));
+                }
+            }
+        }
+        assert_eq!(seen.len(), Operation::ALL.len() * 4);
+        assert!(seen.iter().all(|&i| i < Operation::ALL.len() * 4));
+    }
+
+    /// The children reached by index are the family's own: what they count is exported under
+    /// the labels the index stands for, and only label sets that were used appear.
+    #[test]
+    fn children_by_index_are_the_labelled_series() {
+        let m = Metrics::new(0);
+        m.body_bytes_of(Operation::BlobGet, Direction::Download).inc_by(7);
+        m.body_bytes_of(Operation::BlobGet, Direction::Download).inc_by(5);
+        m.body_stall_total_of(Operation::UploadChunk, Direction::Upload, Side::Registry).inc_by(1.5);
+        m.upstream_response_of(Operation::ManifestGet).observe(0.25);
+        m.in_flight_of(Operation::V1LayerGet).inc();
+        let by_labels = |family: &IntCounterVec, labels: &[&str]| family.with_label_values(labels).get();
+        assert_eq!(by_labels(&m.body_bytes_total, &["v2", "blob_get", "download"]), 12);
+        assert_eq!(m.body_stall_total.with_label_values(&["v2", "upload_chunk", "upload", "registry"]).get(), 1.5);
+        assert_eq!(m.upstream_response.with_label_values(&["v2", "manifest_get"]).get_sample_count(), 1);
+        assert_eq!(m.in_flight.with_label_values(&["v1"]).get(), 1);
+        let text = String::from_utf8(m.encode()).unwrap();
+        let body_bytes: Vec<&str> = text.lines().filter(|l| l.starts_with("regscope_body_bytes_total{")).collect();
+        assert_eq!(body_bytes, [r#"regscope_body_bytes_total{api="v2",direction="download",operation="blob_get"} 12"#]);
     }
 
     #[test]

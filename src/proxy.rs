@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, Version};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -36,6 +36,8 @@ pub type UploadBody = Box<TimedBody<Incoming>>;
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as `X-Forwarded-For` carries it, made once for all its requests.
+    pub forwarded_for: HeaderValue,
     /// Whether the client reached us over TLS.
     pub tls: bool,
     /// The connection's flush signal (HTTP/1), so a response ends when its bytes are out.
@@ -128,7 +130,7 @@ impl Proxy {
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
-        let view = ClientView { ip: conn.peer.ip(), scheme: conn.scheme(), host: client_host.as_deref() };
+        let view = ClientView { ip: &conn.forwarded_for, scheme: conn.scheme(), host: client_host.as_deref() };
         headers::forward_request_headers(&mut parts.headers, &view, self.host_mode, &self.upstream.host_header);
         parts.uri = self
             .upstream
@@ -208,10 +210,12 @@ impl Proxy {
 
 /// The response headers the transfer tracker needs, read before they are forwarded.
 fn response_info(headers: &http::HeaderMap) -> ResponseInfo {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(Box::<str>::from);
+    const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+    const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+    let text = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(Box::<str>::from);
     ResponseInfo {
-        upload_uuid: text("docker-upload-uuid"),
-        content_digest: text("docker-content-digest"),
+        upload_uuid: text(UPLOAD_UUID),
+        content_digest: text(CONTENT_DIGEST),
         content_length: content_length(headers),
     }
 }

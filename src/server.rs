@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
 use crate::buffers::{self, Slots};
+use crate::headers;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::socket::{OpenConnection, Watch, Watched};
 use crate::timed_body::{Drain, Side};
@@ -83,7 +84,12 @@ pub async fn run(
             tokio::spawn(refuse_overloaded(stream, proxy_listener.tls.is_some()));
             continue;
         };
-        let conn = ConnInfo { peer, tls: proxy_listener.tls.is_some(), drain: None };
+        let conn = ConnInfo {
+            peer,
+            forwarded_for: headers::forwarded_for(peer.ip()),
+            tls: proxy_listener.tls.is_some(),
+            drain: None,
+        };
         let watcher = graceful.watcher();
         let (tls, proxy, builders) = (proxy_listener.tls.clone(), proxy.clone(), builders.clone());
         let large_reads = large_reads.clone();

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::exchange::{Exchange, ExchangeRecord, ExchangeSink, LiveExchange};
-use crate::manifest::{parse_ancestry, parse_manifest, BlobKind, BlobRef};
+use crate::manifest::{parse_ancestry, BlobKind, BlobRef, ManifestRefs, ParsedManifests};
 use crate::metrics::Metrics;
 use crate::phases::{upload_outcome, upload_phases, Phase, UploadOutcome, UploadPhases};
 use crate::route::{Api, Operation};
@@ -267,6 +267,7 @@ impl State {
 /// Groups exchanges into transfers. See the module docs.
 pub struct Tracker {
     state: Mutex<State>,
+    manifests: ParsedManifests,
     config: TrackerConfig,
     metrics: Arc<Metrics>,
 }
@@ -305,7 +306,7 @@ fn is_v1_image_op(op: Operation) -> bool {
 
 impl Tracker {
     pub fn new(config: TrackerConfig, metrics: Arc<Metrics>) -> Self {
-        Tracker { state: Mutex::new(State::default()), config, metrics }
+        Tracker { state: Mutex::new(State::default()), manifests: ParsedManifests::new(), config, metrics }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -410,16 +411,15 @@ impl Tracker {
         Some(Key { client, repository: repository?, direction })
     }
 
-    fn session<'a>(
-        &self,
-        state: &'a mut State,
-        key: &Key,
-        api: Api,
-        now: Instant,
-    ) -> (&'a mut Session, Option<(Key, Session)>) {
+    /// Makes sure `key` has an open session, closing the longest-idle one if the table is full
+    /// (returned, to be finished outside the lock).
+    fn open_session(&self, state: &mut State, key: &Key, api: Api, now: Instant) -> Option<(Key, Session)> {
+        // Looked up before inserting: `entry` would take (allocate) an owned key every time.
+        if state.open.contains_key(key) {
+            return None;
+        }
         let mut evicted = None;
-        if !state.open.contains_key(key) && state.open.len() >= self.config.max_open {
-            // Full: close the longest-idle session to make room.
+        if state.open.len() >= self.config.max_open {
             if let Some(oldest) = state
                 .open
                 .iter()
@@ -430,8 +430,8 @@ impl Tracker {
                 evicted = state.remove(&oldest).map(|s| (oldest, s));
             }
         }
-        let session = state.open.entry(key.clone()).or_insert_with(|| Session::new(api, now));
-        (session, evicted)
+        state.open.insert(key.clone(), Session::new(api, now));
+        evicted
     }
 
     /// Turns a closed session into a finished transfer: metrics, log, ring.
@@ -497,7 +497,8 @@ impl ExchangeSink for Tracker {
         let evicted = {
             let mut state = self.lock();
             let Some(key) = Self::key_for(&mut state, r) else { return };
-            let (session, evicted) = self.session(&mut state, &key, r.api, now);
+            let evicted = self.open_session(&mut state, &key, r.api, now);
+            let session = state.open.get_mut(&key).expect("open_session leaves it open");
             session.in_flight.insert(r.id, Arc::downgrade(exchange));
             session.last_activity = now;
             state.in_flight_keys.insert(r.id, key);
@@ -508,10 +509,12 @@ impl ExchangeSink for Tracker {
         }
     }
 
-    fn finished(&self, record: ExchangeRecord) {
+    fn finished(&self, mut record: ExchangeRecord) {
         // Parse captured bodies before taking the lock.
         let parsed_manifest = match record.operation {
-            Operation::ManifestGet | Operation::ManifestPut => record.captured.as_deref().and_then(parse_manifest),
+            Operation::ManifestGet | Operation::ManifestPut => {
+                record.captured.take().and_then(|body| self.manifests.parse(body))
+            }
             _ => None,
         };
         let ancestry = match record.operation {
@@ -521,31 +524,30 @@ impl ExchangeSink for Tracker {
         let now = Instant::now();
         let evicted;
         let done = {
-            let mut state = self.lock();
+            let mut guard = self.lock();
+            // Through a plain reference, so the session and the counters are borrowed apart.
+            let state = &mut *guard;
             let key = match state.in_flight_keys.remove(&record.id) {
                 Some(key) => key,
-                None => match Self::key_for(&mut state, &record) {
+                None => match Self::key_for(state, &record) {
                     Some(key) => key,
                     None => return,
                 },
             };
-            let (session, ev) = self.session(&mut state, &key, record.api, now);
-            evicted = ev;
+            evicted = self.open_session(state, &key, record.api, now);
+            let session = state.open.get_mut(&key).expect("open_session leaves it open");
             session.in_flight.remove(&record.id);
             session.last_activity = now;
             session.base = session.base.min(record.received);
             update(session, &record, parsed_manifest, ancestry);
-            let room = state.held_requests < self.config.max_total_requests;
-            let session = state.open.get_mut(&key).expect("the session was just looked up");
-            if session.records.len() < self.config.max_requests && room {
-                let mut record = record;
+            if session.records.len() < self.config.max_requests && state.held_requests < self.config.max_total_requests
+            {
                 record.captured = None;
                 session.records.push(record);
                 state.held_requests += 1;
             } else {
                 session.dropped += 1;
             }
-            let session = state.open.get(&key).expect("the session is still open");
             match session.outcome {
                 Some(_) if session.in_flight.is_empty() => state.remove(&key).map(|s| (key, s)),
                 _ => None,
@@ -562,13 +564,13 @@ impl ExchangeSink for Tracker {
 
 /// Blobs a session expects, each once and at most `MAX_EXPECTED`: a client that fetches the same
 /// manifest over and over must not grow the session.
-fn expect(s: &mut Session, blobs: Vec<BlobRef>) {
+fn expect(s: &mut Session, blobs: &[BlobRef]) {
     for blob in blobs {
         if s.expected.len() >= MAX_EXPECTED {
             return;
         }
         if !s.expected.iter().any(|b| b.digest == blob.digest) {
-            s.expected.push(blob);
+            s.expected.push(blob.clone());
         }
     }
 }
@@ -578,19 +580,14 @@ fn expect(s: &mut Session, blobs: Vec<BlobRef>) {
 const MAX_EXPECTED: usize = 4096;
 
 /// Applies one finished request to its session: what it tells about the transfer's end.
-fn update(
-    s: &mut Session,
-    r: &ExchangeRecord,
-    manifest: Option<crate::manifest::ManifestRefs>,
-    ancestry: Option<Vec<String>>,
-) {
+fn update(s: &mut Session, r: &ExchangeRecord, manifest: Option<Arc<ManifestRefs>>, ancestry: Option<Vec<String>>) {
     use Operation::*;
     let ok = r.status.is_some_and(|c| (200..400).contains(&c)) && r.aborted_by().is_none();
     let by_tag = r.reference.as_deref().filter(|reference| !reference.contains(':'));
     match r.operation {
         ManifestPut => {
             if let Some(refs) = manifest {
-                expect(s, refs.blobs);
+                expect(s, &refs.blobs);
             }
             if ok {
                 if let Some(tag) = by_tag {
@@ -610,7 +607,7 @@ fn update(
             if let Some(refs) = manifest {
                 if !refs.blobs.is_empty() {
                     s.manifests_seen += 1;
-                    expect(s, refs.blobs);
+                    expect(s, &refs.blobs);
                 }
             }
             // A missing tag or manifest ends a pull that has nothing else going on. A failed

@@ -12,7 +12,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 use libfuzzer_sys::fuzz_target;
 use regscope::headers::{
-    forward_request_headers, forward_response_headers, redact_path, rewrite_location, strip_hop_by_hop, ClientView,
+    forward_request_headers, forward_response_headers, forwarded_for, redact_path, rewrite_location, strip_hop_by_hop, ClientView,
     HostMode, Origin, HOP_BY_HOP, SECRET_PARAMS,
 };
 use regscope::route::{classify, is_repository_name, percent_decode, Operation, Route};
@@ -162,7 +162,7 @@ fn headers(lines: &[&[u8]], upstream: &Origin<'_>, client: &Origin<'_>, salt: us
     let upstream_host = HeaderValue::from_str(upstream.authority).unwrap_or(HeaderValue::from_static("registry"));
     for mode in [HostMode::Preserve, HostMode::Upstream] {
         let mut forwarded = original.clone();
-        forward_request_headers(&mut forwarded, &ClientView { ip, scheme, host }, mode, &upstream_host);
+        forward_request_headers(&mut forwarded, &ClientView { ip: &forwarded_for(ip), scheme, host }, mode, &upstream_host);
         for name in HOP_BY_HOP.iter().chain(["forwarded"].iter()) {
             assert!(!forwarded.contains_key(*name), "{name} forwarded upstream");
         }
