@@ -8,9 +8,10 @@ use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
 use http::Method;
+use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
-    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::route::Operation;
@@ -130,8 +131,9 @@ pub struct Metrics {
     pub image_time_total: prometheus::CounterVec,
     /// Caps the opt-in repository label.
     pub repositories: RepositoryLabels,
-    /// The per-request families' children, resolved once per label set.
-    children: PerRequest,
+    /// The per-request families' children, resolved once per label set. Built on first use:
+    /// it clones the families above.
+    children: OnceLock<PerRequest>,
 }
 
 /// Children of a family whose label values all follow from enums, reached by index.
@@ -139,45 +141,59 @@ pub struct Metrics {
 /// `with_label_values` hashes the values and takes the family's lock on every call, and a request
 /// made a dozen such calls. Here each label set is resolved on first use (so the exposition still
 /// shows only label sets that happened) and read after that without hashing or locking.
-struct Children<M> {
-    slots: Box<[OnceLock<M>]>,
+struct Children<F: Family> {
+    family: F,
+    slots: Box<[OnceLock<F::Child>]>,
 }
 
-impl<M> Children<M> {
-    fn new(len: usize) -> Self {
-        Children { slots: (0..len).map(|_| OnceLock::new()).collect() }
+/// A labelled family (any `MetricVec`): what [`Children`] resolves through.
+trait Family {
+    type Child;
+    fn child(&self, labels: &[&str]) -> Self::Child;
+}
+
+impl<T: MetricVecBuilder> Family for MetricVec<T> {
+    type Child = T::M;
+    fn child(&self, labels: &[&str]) -> T::M {
+        self.with_label_values(labels)
+    }
+}
+
+impl<F: Family + Clone> Children<F> {
+    fn new(family: &F, len: usize) -> Self {
+        Children { family: family.clone(), slots: (0..len).map(|_| OnceLock::new()).collect() }
     }
 
-    /// The child at `index`; `resolve` must look up the label set `index` stands for.
-    fn get(&self, index: usize, resolve: impl FnOnce() -> M) -> &M {
-        self.slots[index].get_or_init(resolve)
+    /// The child at `index`; `labels` are the values `index` stands for.
+    fn get(&self, index: usize, labels: &[&str]) -> &F::Child {
+        self.slots[index].get_or_init(|| self.family.child(labels))
     }
 }
 
 /// Indexes: the operation (its api follows from it), then direction, then side.
 struct PerRequest {
-    in_flight: Children<IntGauge>,
-    upstream_response: Children<Histogram>,
-    body_bytes: Children<IntCounter>,
-    body_size: Children<Histogram>,
-    body_transfer: Children<Histogram>,
-    throughput: Children<Histogram>,
-    body_stall_total: Children<Counter>,
-    body_stall: Children<Histogram>,
+    in_flight: Children<IntGaugeVec>,
+    upstream_response: Children<HistogramVec>,
+    body_bytes: Children<IntCounterVec>,
+    body_size: Children<HistogramVec>,
+    body_transfer: Children<HistogramVec>,
+    throughput: Children<HistogramVec>,
+    body_stall_total: Children<CounterVec>,
+    body_stall: Children<HistogramVec>,
 }
 
 impl PerRequest {
-    fn new() -> Self {
+    fn new(m: &Metrics) -> Self {
         let ops = Operation::ALL.len();
         PerRequest {
-            in_flight: Children::new(ops),
-            upstream_response: Children::new(ops),
-            body_bytes: Children::new(ops * 2),
-            body_size: Children::new(ops * 2),
-            body_transfer: Children::new(ops * 2),
-            throughput: Children::new(ops * 2),
-            body_stall_total: Children::new(ops * 4),
-            body_stall: Children::new(ops * 4),
+            in_flight: Children::new(&m.in_flight, ops),
+            upstream_response: Children::new(&m.upstream_response, ops),
+            body_bytes: Children::new(&m.body_bytes_total, ops * 2),
+            body_size: Children::new(&m.body_size, ops * 2),
+            body_transfer: Children::new(&m.body_transfer, ops * 2),
+            throughput: Children::new(&m.throughput, ops * 2),
+            body_stall_total: Children::new(&m.body_stall_total, ops * 4),
+            body_stall: Children::new(&m.body_stall, ops * 4),
         }
     }
 }
@@ -325,7 +341,7 @@ impl Metrics {
             ),
             repositories: RepositoryLabels::new(repository_cap),
             registry,
-            children: PerRequest::new(),
+            children: OnceLock::new(),
         };
         let build_info =
             gauge("regscope_build_info", "Always 1; the version label says which regscope is running.", &["version"]);
@@ -410,41 +426,39 @@ impl Metrics {
 
     /// `regscope_in_flight_requests` for the operation's api.
     pub fn in_flight_of(&self, op: Operation) -> &IntGauge {
-        self.children.in_flight.get(op as usize, || self.in_flight.with_label_values(&[op.api().as_str()]))
+        self.children().in_flight.get(op as usize, &[op.api().as_str()])
     }
 
     pub fn upstream_response_of(&self, op: Operation) -> &Histogram {
-        self.children
-            .upstream_response
-            .get(op as usize, || self.upstream_response.with_label_values(&[op.api().as_str(), op.as_str()]))
+        self.children().upstream_response.get(op as usize, &[op.api().as_str(), op.as_str()])
     }
 
     pub fn body_bytes_of(&self, op: Operation, dir: Direction) -> &IntCounter {
-        self.children.body_bytes.get(body_index(op, dir), || self.body_bytes_total.with_label_values(&body(op, dir)))
+        self.children().body_bytes.get(body_index(op, dir), &body(op, dir))
     }
 
     pub fn body_size_of(&self, op: Operation, dir: Direction) -> &Histogram {
-        self.children.body_size.get(body_index(op, dir), || self.body_size.with_label_values(&body(op, dir)))
+        self.children().body_size.get(body_index(op, dir), &body(op, dir))
     }
 
     pub fn body_transfer_of(&self, op: Operation, dir: Direction) -> &Histogram {
-        self.children.body_transfer.get(body_index(op, dir), || self.body_transfer.with_label_values(&body(op, dir)))
+        self.children().body_transfer.get(body_index(op, dir), &body(op, dir))
     }
 
     pub fn throughput_of(&self, op: Operation, dir: Direction) -> &Histogram {
-        self.children.throughput.get(body_index(op, dir), || self.throughput.with_label_values(&body(op, dir)))
+        self.children().throughput.get(body_index(op, dir), &body(op, dir))
     }
 
     pub fn body_stall_total_of(&self, op: Operation, dir: Direction, side: Side) -> &Counter {
-        self.children
-            .body_stall_total
-            .get(stall_index(op, dir, side), || self.body_stall_total.with_label_values(&stall(op, dir, side)))
+        self.children().body_stall_total.get(stall_index(op, dir, side), &stall(op, dir, side))
     }
 
     pub fn body_stall_of(&self, op: Operation, dir: Direction, side: Side) -> &Histogram {
-        self.children
-            .body_stall
-            .get(stall_index(op, dir, side), || self.body_stall.with_label_values(&stall(op, dir, side)))
+        self.children().body_stall.get(stall_index(op, dir, side), &stall(op, dir, side))
+    }
+
+    fn children(&self) -> &PerRequest {
+        self.children.get_or_init(|| PerRequest::new(self))
     }
 
     pub fn connection_gauge(&self, side: crate::timed_body::Side) -> IntGauge {
