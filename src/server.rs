@@ -201,7 +201,7 @@ impl Builders {
         // Detached in `call`, before hyper's next read of the connection: not in the handler,
         // which hyper only polls after that read.
         let service = service_fn(move |mut req| {
-            crate::headers::detach_head(&mut req);
+            headers::detach_head(&mut req);
             proxy.clone().handle(req, conn.clone())
         });
         let io = Watched::new(io, DrainOnClose(drain));
