@@ -75,7 +75,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         metrics.clone(),
     ));
     transfers::spawn_sweeper(&tracker);
-    trim::spawn(metrics.open_clients());
+    trim::spawn();
     let recorders = Arc::new(Recorders { metrics: metrics.clone(), sink: tracker.clone() });
     let proxy = Arc::new(Proxy {
         upstreams: upstream::Upstreams::new(

@@ -1,75 +1,131 @@
-//! Gives memory back to the system once a burst of connections is over.
+//! Gives memory back to the system once a burst of transfers is over.
 //!
 //! While a thousand transfers run, hyper holds some 60 KiB of buffers for each; when they end,
 //! glibc's allocator keeps the freed chunks wherever a few live ones (pooled connections, kept
 //! transfers) sit between them, and the next burst lands partly beside them. Resident memory
 //! ratcheted up burst after burst (69, 88, 100, 102 MiB over four bursts of 1000 GETs) while
 //! the live heap after each was 15 MiB. `malloc_trim` hands back every free page wherever it
-//! is, so each burst starts again from what is live (the same bursts, trimmed between: 66, 66,
-//! 73, 73 MiB). It walks the whole heap, so it runs only once a burst is over, off the
-//! runtime's threads.
+//! is, so each burst starts again from what is live.
+//!
+//! When to trim is read off the allocator itself: once a second, how much of the resident
+//! memory is not live heap. When that has grown by [`SLACK`] since the last trim, a burst has
+//! freed its buffers, whether or not the next burst has already opened its connections (an
+//! earlier trigger waited for the open connections to come down, and back-to-back bursts
+//! never let them: 58, 67, 75, 77 MiB over four). The trim walks the whole heap, so it runs
+//! off the runtime's threads.
 
 use std::time::Duration;
 
-use crate::metrics::OpenClients;
+/// Resident memory beyond the live heap, grown since the last trim, that is worth a trim.
+pub const SLACK: u64 = 16 << 20;
 
-/// Fewer open connections than this since the last trim is not a burst worth trimming after.
-pub const BURST: usize = 64;
-
-/// How often the open connections are looked at.
+/// How often the process's memory is looked at.
 pub const EVERY: Duration = Duration::from_secs(1);
 
-/// Decides from the open-connection counts seen once per [`EVERY`] when a burst is over.
-#[derive(Debug, Default)]
-pub struct Trigger {
-    peak: usize,
+/// The process's memory at one moment, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// Resident set (`VmRSS`).
+    pub resident: u64,
+    /// Heap in use: allocated chunks and mapped large blocks.
+    pub live: u64,
 }
 
-impl Trigger {
-    /// Records the connections open now. When a burst of at least [`BURST`] has come down to a
-    /// quarter of its peak, returns that peak and starts over from `open`.
-    pub fn observe(&mut self, open: usize) -> Option<usize> {
-        self.peak = self.peak.max(open);
-        if self.peak >= BURST && open <= self.peak / 4 {
-            return Some(std::mem::replace(&mut self.peak, open));
-        }
-        None
+impl Sample {
+    /// Resident but not live: code, stacks, and free heap the allocator kept.
+    fn idle(self) -> u64 {
+        self.resident.saturating_sub(self.live)
     }
 }
 
-/// Watches the client connections open now (the `regscope_connections{side="client"}` gauge)
-/// and trims after each burst, for as long as the runtime runs.
-pub fn spawn(open: OpenClients) {
-    tokio::spawn(run(open));
+/// Decides from periodic [`Sample`]s when a trim is worth it.
+#[derive(Debug, Default)]
+pub struct Trigger {
+    /// The least idle memory seen since the last trim (or start): what a trim cannot give back.
+    floor: Option<u64>,
 }
 
-async fn run(open: OpenClients) {
+impl Trigger {
+    /// Records a sample; true when idle memory has grown by [`SLACK`] over its floor.
+    pub fn observe(&mut self, now: Sample) -> bool {
+        let idle = now.idle();
+        let floor = self.floor.map_or(idle, |f| f.min(idle));
+        self.floor = Some(floor);
+        idle >= floor + SLACK
+    }
+
+    /// After a trim: what it left idle is the new floor, so memory it could not return does not
+    /// trigger it again.
+    pub fn trimmed(&mut self, after: Sample) {
+        self.floor = Some(after.idle());
+    }
+}
+
+/// Looks at the process's memory every [`EVERY`] and trims when [`Trigger`] says so, for as
+/// long as the runtime runs. Does nothing where the allocator cannot be asked.
+pub fn spawn() {
+    if sample().is_some() {
+        tokio::spawn(run());
+    }
+}
+
+async fn run() {
     let mut trigger = Trigger::default();
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = open.now();
-        if let Some(peak) = trigger.observe(now) {
-            let before = resident_kib();
-            let released = tokio::task::spawn_blocking(release).await.unwrap_or(false);
+        // Both the look and the trim lock the allocator's arenas: off the runtime's threads.
+        let Ok((back, outcome)) = tokio::task::spawn_blocking(move || {
+            let outcome = step(&mut trigger);
+            (trigger, outcome)
+        })
+        .await
+        else {
+            return;
+        };
+        trigger = back;
+        if let Some((before, after)) = outcome {
             tracing::info!(
-                peak,
-                open = now,
-                resident_kib_before = before,
-                resident_kib_after = resident_kib(),
-                released,
+                resident_kib_before = before.resident >> 10,
+                live_kib = before.live >> 10,
+                resident_kib_after = after.resident >> 10,
                 "burst over: free heap returned to the system"
             );
         }
     }
 }
 
-/// The process's resident memory, where the system says.
-fn resident_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+/// One look: the samples before and after, if it trimmed.
+fn step(trigger: &mut Trigger) -> Option<(Sample, Sample)> {
+    let before = sample()?;
+    if !trigger.observe(before) {
+        return None;
+    }
+    release();
+    let after = sample()?;
+    trigger.trimmed(after);
+    Some((before, after))
+}
+
+/// Resident memory and the allocator's live heap now.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn sample() -> Option<Sample> {
+    // statm: sizes in pages, the second is the resident set.
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf and mallinfo2 take no pointers and return plain values; mallinfo2 is
+    // thread-safe (it locks each arena in turn while it counts).
+    let (page, info) = unsafe { (libc::sysconf(libc::_SC_PAGESIZE), libc::mallinfo2()) };
+    let live = u64::try_from(info.uordblks.saturating_add(info.hblkhd)).ok()?;
+    Some(Sample { resident: pages * u64::try_from(page).ok()?, live })
+}
+
+/// Other allocators keep their own counts and return memory their own way.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn sample() -> Option<Sample> {
+    None
 }
 
 /// Returns free heap pages to the system; true if any were.
@@ -81,7 +137,6 @@ fn release() -> bool {
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
-/// Other allocators return memory their own way.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release() -> bool {
     false
@@ -91,47 +146,82 @@ fn release() -> bool {
 mod tests {
     use super::*;
 
-    /// Each case: the open counts seen, one per tick, and the ticks that trim with the peak each
-    /// reports.
+    /// Each case: one sample per tick as (resident, live, resident after a trim) in MiB, the
+    /// last used only when that tick trims; and the ticks that trim.
     #[test]
-    fn trims_when_a_burst_has_come_down_and_never_for_small_loads() {
-        type Case = (&'static str, &'static [usize], &'static [(usize, usize)]);
+    fn trims_when_idle_memory_grows_by_the_slack_and_not_again_for_what_it_cannot_return() {
+        type Case = (&'static str, &'static [(u64, u64, u64)], &'static [usize]);
         let cases: &[Case] = &[
-            ("quiet", &[0, 3, 10, 2, 0, 0], &[]),
-            ("just under a burst", &[0, 63, 0, 0], &[]),
-            ("one burst, trimmed again as it drains further", &[0, 1000, 900, 300, 250, 10, 0], &[(4, 1000), (5, 250)]),
-            ("two bursts", &[1000, 100, 0, 0, 500, 120, 0], &[(1, 1000), (2, 100), (5, 500), (6, 120)]),
-            ("a burst that never comes down far", &[1000, 600, 400, 300, 251], &[]),
-            ("a new peak before it came down", &[100, 800, 300, 150], &[(3, 800)]),
-            ("a long-lived load between bursts", &[40, 140, 40, 35, 140, 30], &[(3, 140), (5, 140)]),
+            ("quiet", &[(10, 3, 0), (11, 4, 0), (10, 3, 0), (12, 5, 0)], &[]),
+            ("a burst runs: all of it live", &[(10, 3, 0), (60, 50, 0), (62, 52, 0)], &[]),
+            (
+                "a burst comes down: trimmed, and again for what it frees after",
+                &[(10, 3, 0), (60, 50, 0), (60, 20, 28), (30, 6, 14), (14, 6, 0)],
+                &[2, 3],
+            ),
+            (
+                "back to back: the next burst's connections open before the first's are gone",
+                &[(10, 3, 0), (60, 50, 0), (62, 20, 28), (60, 52, 0), (61, 22, 30)],
+                &[2, 4],
+            ),
+            ("churn below the slack", &[(30, 20, 0), (35, 20, 0), (40, 30, 0), (38, 24, 0), (36, 22, 0)], &[]),
+            (
+                "a trim that returns nothing is not repeated",
+                &[(10, 3, 0), (60, 20, 58), (60, 20, 0), (61, 20, 0)],
+                &[1],
+            ),
+            ("freed memory reused lowers the floor", &[(40, 10, 0), (40, 35, 0), (40, 15, 25)], &[2]),
+            ("just under the slack", &[(10, 3, 0), (60, 50, 0), (60, 38, 0)], &[]),
         ];
-        for (name, opens, want) in cases {
+        let mib = |m: u64| m << 20;
+        for (name, ticks, want) in cases {
             let mut trigger = Trigger::default();
-            let got: Vec<(usize, usize)> =
-                opens.iter().enumerate().filter_map(|(i, &open)| Some((i, trigger.observe(open)?))).collect();
+            let mut got = Vec::new();
+            for (i, &(resident, live, after)) in ticks.iter().enumerate() {
+                if trigger.observe(Sample { resident: mib(resident), live: mib(live) }) {
+                    got.push(i);
+                    trigger.trimmed(Sample { resident: mib(after), live: mib(live) });
+                }
+            }
             assert_eq!(&got, want, "{name}");
         }
     }
 
+    /// The allocator's count follows what is allocated: a live 32 MiB shows, and is gone once
+    /// freed.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
-    fn release_gives_freed_pages_back() {
+    fn sample_counts_the_live_heap() {
+        let before = sample().expect("glibc answers");
+        let chunks: Vec<Vec<u8>> = (0..2048).map(|i| vec![i as u8; 16 << 10]).collect();
+        let held = sample().unwrap();
+        assert!(held.live >= before.live + (30 << 20), "{before:?} then {held:?} with 32 MiB allocated");
+        assert!(held.resident >= held.live, "{held:?}");
+        drop(chunks);
+        let after = sample().unwrap();
+        assert!(after.live + (30 << 20) <= held.live, "{held:?} then {after:?} after freeing them");
+    }
+
+    /// The whole look with the real allocator: nothing while the memory is live, a trim that
+    /// gives the freed pages back once it is not, and no second trim for what stays.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn a_look_trims_once_freed_memory_exceeds_the_slack() {
+        let mut trigger = Trigger::default();
         // Many live 16 KiB chunks, freed all but every 16th: holes glibc's free cannot return.
         let mut chunks: Vec<Vec<u8>> = (0..4096).map(|i| vec![i as u8; 16 << 10]).collect();
-        let before = resident_kib().unwrap();
+        assert_eq!(step(&mut trigger), None, "64 MiB live is not idle");
         for (i, chunk) in chunks.iter_mut().enumerate() {
             if i % 16 != 0 {
                 *chunk = Vec::new();
             }
         }
-        let freed_but_kept = resident_kib().unwrap();
-        assert!(release(), "there were free pages to return");
-        let after = resident_kib().unwrap();
+        let (before, after) = step(&mut trigger).expect("60 MiB freed: a trim");
         assert!(
-            after + 32 * 1024 < freed_but_kept,
-            "64 MiB allocated ({before} KiB resident), 60 freed ({freed_but_kept} KiB resident), \
-             {after} KiB resident after the trim"
+            after.resident + (32 << 20) < before.resident,
+            "60 of 64 MiB freed: {before:?} before the trim, {after:?} after"
         );
+        assert_eq!(step(&mut trigger), None, "nothing more to give back");
         drop(chunks);
     }
 }
