@@ -10,7 +10,7 @@
 //! - [`proxy`]: one exchange end to end; [`upstream`]: the pooled client; [`tls`]: rustls.
 //! - [`server`]: listeners, accept loops, graceful shutdown; [`admin`]: the admin port.
 //! - [`buffers`]: how much a connection reads at once, by load (memory stays bounded);
-//!   [`trim`]: memory given back once a burst of connections is over.
+//!   [`trim`]: freed heap given back to the system once a burst of transfers is over.
 //! - [`phases`]: upload phases, v1 and v2 in one vocabulary; [`manifest`]: what a pull fetches.
 //! - [`timeline`]: a transfer's requests on one time axis, and who each instant belongs to.
 //! - [`transfers`]: grouping requests into pushes and pulls; [`report`]: the table people read.

@@ -465,7 +465,7 @@ impl Metrics {
         self.connections.with_label_values(&[side.as_str()])
     }
 
-    /// The client connections open now, as the trimmer and the upstream read classes read them.
+    /// The client connections open now, as the upstream read classes read them.
     pub fn open_clients(&self) -> OpenClients {
         OpenClients(self.connection_gauge(crate::timed_body::Side::Client))
     }
