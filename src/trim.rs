@@ -25,7 +25,7 @@ pub const EVERY: Duration = Duration::from_secs(1);
 /// The process's memory at one moment, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
-    /// Resident set (`VmRSS`).
+    /// Resident set (`/proc/self/statm`, the same as `VmRSS`).
     pub resident: u64,
     /// Heap in use: allocated chunks and mapped large blocks.
     pub live: u64,
@@ -90,7 +90,7 @@ async fn run() {
                 resident_kib_before = before.resident >> 10,
                 live_kib = before.live >> 10,
                 resident_kib_after = after.resident >> 10,
-                "burst over: free heap returned to the system"
+                "free heap returned to the system"
             );
         }
     }
@@ -128,19 +128,17 @@ fn sample() -> Option<Sample> {
     None
 }
 
-/// Returns free heap pages to the system; true if any were.
+/// Returns free heap pages to the system (the samples around it say how many).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn release() -> bool {
+fn release() {
     // SAFETY: malloc_trim takes no pointers and only rearranges the allocator's free memory; it
     // is thread-safe (it locks each arena in turn).
-    unsafe { libc::malloc_trim(0) == 1 }
+    unsafe { libc::malloc_trim(0) };
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release() -> bool {
-    false
-}
+fn release() {}
 
 #[cfg(test)]
 mod tests {
