@@ -24,8 +24,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reads {
     /// Starting at 8 KiB and doubling while reads fill the buffer (hyper's adaptive reads).
+    /// Also the most hyper queues to write: an upload's frames wait in the kernel, not here.
     UpTo(usize),
-    /// Always this much: the buffer never grows past it.
+    /// Always this much: the buffer never grows past it. hyper then queues up to about 400 KiB
+    /// to write (its default), so only for connections that send small requests.
     Exactly(usize),
 }
 
@@ -50,7 +52,7 @@ pub const LARGE: usize = 1 << 20;
 
 /// The classes after the large one, from the largest. The last takes every stream beyond.
 pub const CLASSES: [Class; 2] =
-    [Class { reads: Reads::UpTo(64 << 10), until: 64 }, Class { reads: Reads::Exactly(16 << 10), until: usize::MAX }];
+    [Class { reads: Reads::UpTo(64 << 10), until: 64 }, Class { reads: Reads::UpTo(16 << 10), until: usize::MAX }];
 
 /// The large-read slots of one side of the proxy, and how many streams it has now. Cheap to
 /// clone (shared).
