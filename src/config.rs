@@ -90,7 +90,7 @@ pub struct ServeConfig {
 
     /// How many streams at a time may read 1 MiB at once (per side: client connections and
     /// upstream exchanges), given while the side has no more streams than this (upstream: nor
-    /// more than 64 client connections open). Busier, new upstream streams read 64 or 16 KiB.
+    /// more than 64 client connections open). Busier, new upstream streams read up to 64 or 16 KiB.
     /// Large reads move a blob at about twice the rate; small ones keep a thousand concurrent
     /// transfers within tens of MiB. 0: none read large.
     #[arg(long, env = "REGSCOPE_LARGE_READ_STREAMS", default_value_t = 4)]

@@ -12,7 +12,7 @@
 //! freed its buffers, whether or not the next burst has already opened its connections (an
 //! earlier trigger waited for the open connections to come down, and back-to-back bursts
 //! never let them: 58, 67, 75, 77 MiB over four). The trim walks the whole heap, so it runs
-//! off the runtime's threads.
+//! off the runtime's threads; the look once a second does not.
 
 use std::time::Duration;
 
@@ -75,37 +75,27 @@ async fn run() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        // Both the look and the trim lock the allocator's arenas: off the runtime's threads.
-        let Ok((back, outcome)) = tokio::task::spawn_blocking(move || {
-            let outcome = step(&mut trigger);
-            (trigger, outcome)
-        })
-        .await
-        else {
-            return;
-        };
-        trigger = back;
-        if let Some((before, after)) = outcome {
-            tracing::info!(
-                resident_kib_before = before.resident >> 10,
-                live_kib = before.live >> 10,
-                resident_kib_after = after.resident >> 10,
-                "free heap returned to the system"
-            );
+        // A look is two small reads (tens of µs): here. A trim walks the whole heap: on a
+        // blocking thread, which exists only while trims happen.
+        let Some(before) = sample() else { return };
+        if !trigger.observe(before) {
+            continue;
         }
+        let Ok(Some(after)) = tokio::task::spawn_blocking(trim).await else { return };
+        trigger.trimmed(after);
+        tracing::info!(
+            resident_kib_before = before.resident >> 10,
+            live_kib = before.live >> 10,
+            resident_kib_after = after.resident >> 10,
+            "free heap returned to the system"
+        );
     }
 }
 
-/// One look: the samples before and after, if it trimmed.
-fn step(trigger: &mut Trigger) -> Option<(Sample, Sample)> {
-    let before = sample()?;
-    if !trigger.observe(before) {
-        return None;
-    }
+/// Gives free heap pages back; the memory after.
+fn trim() -> Option<Sample> {
     release();
-    let after = sample()?;
-    trigger.trimmed(after);
-    Some((before, after))
+    sample()
 }
 
 /// Resident memory and the allocator's live heap now.
@@ -200,26 +190,29 @@ mod tests {
         assert!(after.live + (30 << 20) <= held.live, "{held:?} then {after:?} after freeing them");
     }
 
-    /// The whole look with the real allocator: nothing while the memory is live, a trim that
-    /// gives the freed pages back once it is not, and no second trim for what stays.
+    /// A look and a trim with the real allocator: nothing while the memory is live, a trim
+    /// that gives the freed pages back once it is not, and nothing more to trim after.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
-    fn a_look_trims_once_freed_memory_exceeds_the_slack() {
+    fn the_real_allocator_is_trimmed_once_freed_memory_exceeds_the_slack() {
         let mut trigger = Trigger::default();
         // Many live 16 KiB chunks, freed all but every 16th: holes glibc's free cannot return.
         let mut chunks: Vec<Vec<u8>> = (0..4096).map(|i| vec![i as u8; 16 << 10]).collect();
-        assert_eq!(step(&mut trigger), None, "64 MiB live is not idle");
+        assert!(!trigger.observe(sample().unwrap()), "64 MiB live is not idle");
         for (i, chunk) in chunks.iter_mut().enumerate() {
             if i % 16 != 0 {
                 *chunk = Vec::new();
             }
         }
-        let (before, after) = step(&mut trigger).expect("60 MiB freed: a trim");
+        let before = sample().unwrap();
+        assert!(trigger.observe(before), "60 MiB freed: a trim ({before:?})");
+        let after = trim().unwrap();
+        trigger.trimmed(after);
         assert!(
             after.resident + (32 << 20) < before.resident,
             "60 of 64 MiB freed: {before:?} before the trim, {after:?} after"
         );
-        assert_eq!(step(&mut trigger), None, "nothing more to give back");
+        assert!(!trigger.observe(sample().unwrap()), "nothing more to give back");
         drop(chunks);
     }
 }

@@ -10,7 +10,8 @@ use support::client::{start_upload, target_at, Conn};
 use support::{eventually, metric_sum, Registry, Regscope};
 
 /// Uploads in progress at once: each holds a client connection's grown read buffer and an
-/// upstream connection of its own, some 100 KiB, so together well over the trim's 16 MiB.
+/// upstream connection of its own, about 140 KiB (55 MiB for the crowd when measured), so
+/// together well over the trim's 16 MiB.
 const CROWD: usize = 400;
 
 const TRIMMED: &str = "free heap returned to the system";
