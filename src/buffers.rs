@@ -27,7 +27,8 @@ pub enum Reads {
     /// Also the most hyper queues to write: an upload's frames wait in the kernel, not here.
     UpTo(usize),
     /// Always this much: the buffer never grows past it. hyper then queues up to about 400 KiB
-    /// to write (its default), so only for connections that send small requests.
+    /// to write (its default), so an exchange that sends a body takes `UpTo` of the same size
+    /// instead (`crate::upstream::Upstreams::pick`).
     Exactly(usize),
 }
 
@@ -52,7 +53,7 @@ pub const LARGE: usize = 1 << 20;
 
 /// The classes after the large one, from the largest. The last takes every stream beyond.
 pub const CLASSES: [Class; 2] =
-    [Class { reads: Reads::UpTo(64 << 10), until: 64 }, Class { reads: Reads::UpTo(16 << 10), until: usize::MAX }];
+    [Class { reads: Reads::UpTo(64 << 10), until: 64 }, Class { reads: Reads::Exactly(16 << 10), until: usize::MAX }];
 
 /// The large-read slots of one side of the proxy, and how many streams it has now. Cheap to
 /// clone (shared).
@@ -158,9 +159,6 @@ mod tests {
         for (k, class) in classes.iter().enumerate() {
             assert!(streams.iter().filter(|s| s.class() == k).count() <= class.until);
         }
-        // Every class bounds what hyper queues to write (an exact read size would leave it at
-        // about 400 KiB per connection: 1000 uploads to a slow registry held 459 MiB).
-        assert!(classes.iter().all(|c| matches!(c.reads, Reads::UpTo(_))));
         // Read sizes only shrink down the list, and the last class takes everything.
         assert!(classes.windows(2).all(|w| w[0].reads.max() >= w[1].reads.max() && w[0].until <= w[1].until));
         assert_eq!(classes.last().unwrap().until, usize::MAX);

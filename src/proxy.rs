@@ -178,7 +178,7 @@ impl Proxy {
         req: Request<UploadBody>,
         exchange: &Exchange,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let (client, stream) = self.upstreams.pick();
+        let (client, stream) = self.upstreams.pick(!http_body::Body::is_end_stream(req.body()));
         exchange.hold(stream);
         let response = client.request(req);
         tokio::pin!(response);

@@ -77,6 +77,11 @@ pub type UpstreamClient<B> = Client<Connector, B>;
 /// connections when there are many).
 pub struct Upstreams<B> {
     clients: Vec<UpstreamClient<B>>,
+    /// The smallest class for exchanges that send a body: the same reads, adaptive, because
+    /// only then does hyper bound its write queue (to the read size; an exact read size leaves
+    /// it at about 400 KiB, and 1000 uploads to a slow registry held 459 MiB). Downloads keep
+    /// exact reads: adaptive ones cost a 1000-GET burst some 7 MiB more.
+    senders: UpstreamClient<B>,
     slots: Slots,
     clients_open: OpenClients,
 }
@@ -109,13 +114,20 @@ where
                 client(connector.clone(), class.reads, class.until.min(MAX_IDLE), idle)
             })
             .collect();
-        Upstreams { clients, slots, clients_open: metrics.open_clients() }
+        let senders = client(connector, Reads::UpTo(classes[smallest].reads.max()), MAX_IDLE, idle_timeout);
+        Upstreams { clients, senders, slots, clients_open: metrics.open_clients() }
     }
 
     /// The client for a new exchange, and the stream it counts as until the exchange is over.
-    pub fn pick(&self) -> (&UpstreamClient<B>, Stream) {
+    /// `sends_body`: the request has a body to forward.
+    pub fn pick(&self, sends_body: bool) -> (&UpstreamClient<B>, Stream) {
         let stream = self.slots.start_with_open(self.clients_open.now());
-        (&self.clients[stream.class()], stream)
+        let client = if sends_body && stream.class() == self.clients.len() - 1 {
+            &self.senders
+        } else {
+            &self.clients[stream.class()]
+        };
+        (client, stream)
     }
 }
 
@@ -226,6 +238,29 @@ mod tests {
         }
         for bad in ["ftp://x", "127.0.0.1:5000", "/v2/", "http://x/prefix", "http://x/?q=1"] {
             assert!(UpstreamTarget::parse(&bad.parse().unwrap()).is_err(), "{bad}");
+        }
+    }
+
+    /// Only a busy exchange that sends a body takes the senders' pool; downloads and quieter
+    /// exchanges keep their class's pool.
+    #[tokio::test]
+    async fn busy_exchanges_with_a_body_take_the_pool_that_bounds_its_write_queue() {
+        let metrics = Metrics::new(0);
+        let tls = crate::tls::client_config(None).unwrap();
+        let upstreams: Upstreams<http_body_util::Empty<bytes::Bytes>> =
+            Upstreams::new(tls, Duration::from_secs(1), Duration::from_secs(90), &metrics, 4);
+        let smallest = upstreams.clients.len() - 1;
+        let open = metrics.connection_gauge(crate::timed_body::Side::Client);
+        // (client connections open, sends a body) -> the senders' pool?
+        for ((clients_open, sends_body), senders) in
+            [((1, true), false), ((1, false), false), ((100, true), true), ((100, false), false)]
+        {
+            open.set(clients_open);
+            let (client, stream) = upstreams.pick(sends_body);
+            let (in_senders, in_class) =
+                (std::ptr::eq(client, &upstreams.senders), std::ptr::eq(client, &upstreams.clients[stream.class()]));
+            assert_eq!((in_senders, in_class), (senders, !senders), "{clients_open} open, body {sends_body}");
+            assert_eq!(stream.class() == smallest, clients_open > 64, "{clients_open} open");
         }
     }
 
