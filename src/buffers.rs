@@ -5,8 +5,8 @@
 //! the rate of 64 KiB reads, for half the CPU. But hyper keeps a connection's read buffer (and
 //! the frame in flight) for as long as the connection lives, so a thousand busy transfers at
 //! 1 MiB each would hold two gigabytes. So a new stream's read size depends on how many streams
-//! its side already has ([`CLASSES`]): a `docker push` or `docker pull` reads 1 MiB at a time, a
-//! few dozen concurrent transfers 64 KiB, more 16 KiB. A stream keeps its class for life,
+//! its side already has ([`CLASSES`]): a `docker push` or `docker pull` reads about 1 MiB at a
+//! time, a few dozen concurrent transfers 56 KiB, more 16 KiB. A stream keeps its class for life,
 //! and a class is only given while the side has at most its `until` streams, so no class ever
 //! holds more than `until` streams and memory stays bounded whatever the load. Small reads also
 //! share the CPU fairly: a 1 MiB reader moves 64 times as much per turn as a 16 KiB one.
@@ -14,6 +14,9 @@
 //! start a transfer at any moment ([`Slots::start_with_open`]).
 //!
 //! The largest class also needs one of `--large-read-streams` slots, never waited for.
+//!
+//! Adaptive read sizes are ones hyper's buffer reaches without outgrowing them
+//! ([`growth_size`]): 56 KiB rather than 64, 1016 rather than 1024.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,8 +30,8 @@ pub enum Reads {
     /// Also the most hyper queues to write: an upload's frames wait in the kernel, not here.
     UpTo(usize),
     /// Always this much: the buffer never grows past it. hyper then queues up to about 400 KiB
-    /// to write (its default), so an exchange that sends a body takes `UpTo` of the same size
-    /// instead (`crate::upstream::Upstreams::pick`).
+    /// to write (its default), so an exchange that sends a body takes `UpTo` of about the same
+    /// size instead (`crate::upstream::Upstreams::pick`).
     Exactly(usize),
 }
 
@@ -48,12 +51,31 @@ pub struct Class {
     pub until: usize,
 }
 
-/// Read size of a stream holding a large-read slot.
-pub const LARGE: usize = 1 << 20;
+/// hyper's first read buffer (its `INIT_BUFFER_SIZE`), from which adaptive reads double.
+const FIRST_READ: usize = 8 << 10;
+
+/// The smallest read size of at least `n` that hyper's adaptive reads reach without their buffer
+/// growing past it: 8 KiB × (2^k − 1), so 8, 24, 56, 120 … 1016 KiB.
+///
+/// hyper grows a read buffer with `BytesMut::reserve` while the bytes it already handed out
+/// still sit at the front of the allocation, and `bytes` then grows the allocation by that
+/// front part too (8, then 24, 56, 120 KiB), keeping it for as long as the connection lives.
+/// A connection reading up to 64 KiB so holds 120 KiB, one reading up to 1 MiB 2 MiB; reading
+/// up to one of these sizes, it holds just that. (By hand, 1000 uploads at once: 180 MiB with
+/// client connections reading up to 64 KiB, 109–119 at 56 KiB, the same throughput.)
+pub const fn growth_size(n: usize) -> usize {
+    let n = if n > FIRST_READ { n } else { FIRST_READ };
+    (n + FIRST_READ).next_power_of_two() - FIRST_READ
+}
+
+/// Read size of a stream holding a large-read slot: about 1 MiB.
+pub const LARGE: usize = growth_size(1000 << 10);
 
 /// The classes after the large one, from the largest. The last takes every stream beyond.
-pub const CLASSES: [Class; 2] =
-    [Class { reads: Reads::UpTo(64 << 10), until: 64 }, Class { reads: Reads::Exactly(16 << 10), until: usize::MAX }];
+pub const CLASSES: [Class; 2] = [
+    Class { reads: Reads::UpTo(growth_size(56 << 10)), until: 64 },
+    Class { reads: Reads::Exactly(16 << 10), until: usize::MAX },
+];
 
 /// The large-read slots of one side of the proxy, and how many streams it has now. Cheap to
 /// clone (shared).
@@ -153,7 +175,7 @@ mod tests {
         let streams: Vec<Stream> = (0..1000).map(|_| slots.start()).collect();
         let read_size = |i: usize| classes[streams[i].class()].reads.max();
         assert_eq!((read_size(0), read_size(3)), (LARGE, LARGE));
-        assert_eq!((read_size(4), read_size(63)), (64 << 10, 64 << 10));
+        assert_eq!((read_size(4), read_size(63)), (56 << 10, 56 << 10));
         assert_eq!((read_size(64), read_size(999)), (16 << 10, 16 << 10));
         // No class holds more streams than its `until`.
         for (k, class) in classes.iter().enumerate() {
@@ -185,6 +207,64 @@ mod tests {
             assert_eq!(next.class(), want, "{active} active, {open} open");
             drop(held);
         }
+    }
+
+    #[test]
+    fn growth_sizes() {
+        // n -> the smallest size of at least n that adaptive reads reach exactly
+        let cases = [
+            (0, 8),
+            (8, 8),
+            (9, 24),
+            (16, 24),
+            (24, 24),
+            (56, 56),
+            (64, 120),
+            (1000, 1016),
+            (1016, 1016),
+            (1024, 2040),
+        ];
+        for (n, want) in cases {
+            assert_eq!(growth_size(n << 10), want << 10, "{n} KiB");
+        }
+        for class in Slots::new(1).classes() {
+            if let Reads::UpTo(max) = class.reads {
+                assert_eq!(growth_size(max), max, "{class:?}");
+            }
+        }
+    }
+
+    /// What `growth_size` is for, on the `bytes` crate hyper uses: hyper's adaptive read loop
+    /// (reserve the next read size when the room left is less, read, double the size after a
+    /// full read, up to a most, hand the bytes out) with a client that always has more to send.
+    #[test]
+    fn adaptive_reads_up_to_a_growth_size_keep_a_buffer_of_that_size() {
+        fn allocation_after_reads_up_to(max: usize) -> usize {
+            let mut buf = bytes::BytesMut::new();
+            let mut next = FIRST_READ;
+            let mut allocation = 0;
+            for _ in 0..40 {
+                if buf.capacity() - buf.len() < next {
+                    buf.reserve(next);
+                    // Once the size stops growing, `reserve` reclaims the whole allocation
+                    // (the frames handed out are gone), so the capacity it leaves is all of it.
+                    allocation = buf.capacity();
+                }
+                let read = next.min(buf.capacity() - buf.len());
+                buf.resize(buf.len() + read, 7);
+                if read >= next {
+                    next = (next * 2).min(max);
+                }
+                drop(buf.split_to(read).freeze());
+            }
+            allocation
+        }
+        for kib in [8, 24, 56, 1016] {
+            assert_eq!(allocation_after_reads_up_to(kib << 10), kib << 10, "{kib} KiB");
+        }
+        // The sizes between grow past themselves: these are why the classes avoid them.
+        assert_eq!(allocation_after_reads_up_to(64 << 10), 120 << 10);
+        assert_eq!(allocation_after_reads_up_to(1 << 20), 2040 << 10);
     }
 
     #[test]

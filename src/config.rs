@@ -80,17 +80,19 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
-    /// Largest request head accepted (HTTP/1 read buffer; h2 header list), in bytes.
-    #[arg(long, env = "REGSCOPE_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    /// Largest request head accepted (HTTP/1 read buffer; h2 header list), in bytes. A busy
+    /// HTTP/1 connection's read buffer is the larger of this and 56 KiB, rounded up to 8 KiB ×
+    /// (2^k − 1) (120 KiB for 64 KiB): larger limits cost memory under many uploads.
+    #[arg(long, env = "REGSCOPE_MAX_HEADER_BYTES", default_value_t = 56 * 1024)]
     pub max_header_bytes: usize,
 
     /// Client connections served at once; beyond this, new ones get a 503 registry error.
     #[arg(long, env = "REGSCOPE_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
-    /// How many streams at a time may read 1 MiB at once (per side: client connections and
-    /// upstream exchanges), given while the side has no more streams than this (upstream: nor
-    /// more than 64 client connections open). Busier, new upstream streams read up to 64 or 16 KiB.
+    /// How many streams at a time may read about 1 MiB at once (per side: client connections
+    /// and upstream exchanges), given while the side has no more streams than this (upstream: nor
+    /// more than 64 client connections open). Busier, new upstream streams read up to 56 or 16 KiB.
     /// Large reads move a blob at about twice the rate; small ones keep a thousand concurrent
     /// transfers within tens of MiB. 0: none read large.
     #[arg(long, env = "REGSCOPE_LARGE_READ_STREAMS", default_value_t = 4)]

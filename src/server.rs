@@ -147,7 +147,7 @@ pub async fn run(
 /// One builder per protocol (and read size): the protocol is decided before serving (ALPN, or
 /// the first bytes), so hyper never sniffs a silent connection without a deadline.
 struct Builders {
-    /// HTTP/1 connections holding a large-read slot: request bodies arrive in frames up to 1 MiB.
+    /// HTTP/1 connections holding a large-read slot: request bodies arrive in frames of up to about 1 MiB.
     h1_large: http1::Builder,
     h1_small: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
@@ -156,14 +156,15 @@ struct Builders {
 impl Builders {
     fn new(limits: &Limits) -> Self {
         // The read buffer also holds the request head, so it is never smaller than the head
-        // limit; `max_header_size` is what answers 431 to a head over the limit.
+        // limit (rounded up as reads are, see `growth_size`); `max_header_size` is what answers
+        // 431 to a head over the limit.
         let h1 = |max_read: usize| {
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_header_size(limits.max_header_bytes)
-                .max_buf_size(max_read.max(limits.max_header_bytes).max(8192));
+                .max_buf_size(buffers::growth_size(max_read.max(limits.max_header_bytes)));
             builder
         };
         let mut h2 = http2::Builder::new(TokioExecutor::new());
@@ -171,7 +172,7 @@ impl Builders {
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
-        // Other client connections read adaptively up to the first smaller class (64 KiB): a
+        // Other client connections read adaptively up to the first smaller class (56 KiB): a
         // connection's class is fixed when it opens, long before it knows what it will carry.
         Builders { h1_large: h1(buffers::LARGE), h1_small: h1(buffers::CLASSES[0].reads.max()), h2 }
     }

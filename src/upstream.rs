@@ -16,7 +16,7 @@ use prometheus::{Histogram, IntGauge};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::buffers::{Reads, Slots, Stream};
+use crate::buffers::{self, Reads, Slots, Stream};
 use crate::error::SetupError;
 use crate::metrics::{Metrics, OpenClients};
 use crate::socket::{OpenConnection, Watched};
@@ -65,7 +65,7 @@ const MAX_IDLE: usize = 64;
 
 /// How long an idle connection of a class larger than the smallest is kept (when the idle
 /// timeout is longer). hyper keeps a pooled connection's read buffer at its last size, up to
-/// 1 MiB: a transfer that follows within this reuses it, one later pays a connect (about a
+/// about 1 MiB: a transfer that follows within this reuses it, one later pays a connect (about a
 /// round trip), where the pool would hold megabytes for the whole idle timeout.
 const LARGER_CLASS_IDLE: Duration = Duration::from_secs(2);
 
@@ -77,10 +77,11 @@ pub type UpstreamClient<B> = Client<Connector, B>;
 /// connections when there are many).
 pub struct Upstreams<B> {
     clients: Vec<UpstreamClient<B>>,
-    /// The smallest class for exchanges that send a body: the same reads, adaptive, because
-    /// only then does hyper bound its write queue (to the read size; an exact read size leaves
-    /// it at about 400 KiB, and 1000 uploads to a slow registry held 459 MiB). Downloads keep
-    /// exact reads: adaptive ones cost a 1000-GET burst some 7 MiB more.
+    /// The smallest class for exchanges that send a body: adaptive reads of about the same
+    /// size (24 KiB, see [`crate::buffers::growth_size`]), because only then does hyper bound
+    /// its write queue (to the read size; an exact read size leaves it at about 400 KiB, and
+    /// 1000 uploads to a slow registry held 459 MiB). Downloads keep exact reads: adaptive ones
+    /// cost a 1000-GET burst some 7 MiB more.
     senders: UpstreamClient<B>,
     slots: Slots,
     clients_open: OpenClients,
@@ -92,7 +93,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// `large_slots` exchanges at a time may read 1 MiB at once.
+    /// `large_slots` exchanges at a time may read about 1 MiB at once.
     pub fn new(
         tls: rustls::ClientConfig,
         connect_timeout: Duration,
@@ -114,7 +115,8 @@ where
                 client(connector.clone(), class.reads, class.until.min(MAX_IDLE), idle)
             })
             .collect();
-        let senders = client(connector, Reads::UpTo(classes[smallest].reads.max()), MAX_IDLE, idle_timeout);
+        let senders_reads = Reads::UpTo(buffers::growth_size(classes[smallest].reads.max()));
+        let senders = client(connector, senders_reads, MAX_IDLE, idle_timeout);
         Upstreams { clients, senders, slots, clients_open: metrics.open_clients() }
     }
 

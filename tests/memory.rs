@@ -9,9 +9,9 @@ use std::time::Duration;
 use support::client::{start_upload, target_at, Conn};
 use support::{eventually, metric_sum, Registry, Regscope};
 
-/// Uploads in progress at once: each holds a client connection's grown read buffer and an
-/// upstream connection of its own, about 140 KiB (55 MiB for the crowd when measured), so
-/// together well over the trim's 16 MiB.
+/// Uploads in progress at once: each holds a client connection's grown read buffer (56 KiB) and
+/// an upstream connection of its own, about 90 KiB (52 MiB resident with the crowd when
+/// measured, 16 after the trim), so together well over the trim's 16 MiB.
 const CROWD: usize = 400;
 
 const TRIMMED: &str = "free heap returned to the system";
