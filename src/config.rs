@@ -80,9 +80,10 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
-    /// Largest request head accepted (HTTP/1 read buffer; h2 header list), in bytes. A busy
-    /// HTTP/1 connection's read buffer is the larger of this and 56 KiB, rounded up to 8 KiB ×
-    /// (2^k − 1) (120 KiB for 64 KiB): larger limits cost memory under many uploads.
+    /// Largest request head accepted (HTTP/1 read buffer; h2 header list), in bytes. The read
+    /// buffer of an HTTP/1 client connection without a large-read slot is the larger of this and
+    /// 56 KiB, rounded up to 8 KiB × (2^k − 1) (120 KiB for 64 KiB): a larger limit costs memory
+    /// under many concurrent uploads.
     #[arg(long, env = "REGSCOPE_MAX_HEADER_BYTES", default_value_t = 56 * 1024)]
     pub max_header_bytes: usize,
 
