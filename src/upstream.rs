@@ -16,7 +16,7 @@ use prometheus::{Histogram, IntGauge};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::buffers::{self, Reads, Slots, Stream};
+use crate::buffers::{Reads, Slots, Stream};
 use crate::error::SetupError;
 use crate::metrics::{Metrics, OpenClients};
 use crate::socket::{OpenConnection, Watched};
@@ -76,15 +76,17 @@ pub type UpstreamClient<B> = Client<Connector, B>;
 /// a connection of the largest class the load allows (exchanges in flight, and open client
 /// connections when there are many).
 pub struct Upstreams<B> {
-    clients: Vec<UpstreamClient<B>>,
-    /// The smallest class for exchanges that send a body: adaptive reads of about the same
-    /// size (24 KiB, see [`crate::buffers::growth_size`]), because only then does hyper bound
-    /// its write queue (to the read size; an exact read size leaves it at about 400 KiB, and
-    /// 1000 uploads to a slow registry held 459 MiB). Downloads keep exact reads: adaptive ones
-    /// cost a 1000-GET burst some 7 MiB more.
-    senders: UpstreamClient<B>,
+    /// By class, from the largest.
+    pools: Vec<Pool<B>>,
     slots: Slots,
     clients_open: OpenClients,
+}
+
+/// A class's connections: those of exchanges that send a body read [`Reads::sending`], a pool
+/// of their own only where that differs from the class's reads.
+struct Pool<B> {
+    receiving: UpstreamClient<B>,
+    sending: UpstreamClient<B>,
 }
 
 impl<B> Upstreams<B>
@@ -107,29 +109,30 @@ where
         // after a burst of a thousand transfers, not a thousand either.
         let classes = slots.classes();
         let smallest = classes.len() - 1;
-        let clients = classes
+        let pools = classes
             .iter()
             .enumerate()
             .map(|(i, class)| {
                 let idle = if i < smallest { idle_timeout.min(LARGER_CLASS_IDLE) } else { idle_timeout };
-                client(connector.clone(), class.reads, class.until.min(MAX_IDLE), idle)
+                let client = |reads| client(connector.clone(), reads, class.until.min(MAX_IDLE), idle);
+                let receiving = client(class.reads);
+                let sending = if class.reads.sending() == class.reads {
+                    receiving.clone() // the same pool
+                } else {
+                    client(class.reads.sending())
+                };
+                Pool { receiving, sending }
             })
             .collect();
-        let senders_reads = Reads::UpTo(buffers::growth_size(classes[smallest].reads.max()));
-        let senders = client(connector, senders_reads, MAX_IDLE, idle_timeout);
-        Upstreams { clients, senders, slots, clients_open: metrics.open_clients() }
+        Upstreams { pools, slots, clients_open: metrics.open_clients() }
     }
 
     /// The client for a new exchange, and the stream it counts as until the exchange is over.
     /// `sends_body`: the request has a body to forward.
     pub fn pick(&self, sends_body: bool) -> (&UpstreamClient<B>, Stream) {
         let stream = self.slots.start_with_open(self.clients_open.now());
-        let client = if sends_body && stream.class() == self.clients.len() - 1 {
-            &self.senders
-        } else {
-            &self.clients[stream.class()]
-        };
-        (client, stream)
+        let pool = &self.pools[stream.class()];
+        (if sends_body { &pool.sending } else { &pool.receiving }, stream)
     }
 }
 
@@ -243,27 +246,34 @@ mod tests {
         }
     }
 
-    /// Only a busy exchange that sends a body takes the senders' pool; downloads and quieter
-    /// exchanges keep their class's pool.
+    /// Only a busy exchange that sends a body takes a pool of its own (the smallest class reads
+    /// exactly, which leaves hyper's write queue at its default of about 400 KiB); downloads and
+    /// quieter exchanges keep their class's pool.
     #[tokio::test]
     async fn busy_exchanges_with_a_body_take_the_pool_that_bounds_its_write_queue() {
         let metrics = Metrics::new(0);
         let tls = crate::tls::client_config(None).unwrap();
         let upstreams: Upstreams<http_body_util::Empty<bytes::Bytes>> =
             Upstreams::new(tls, Duration::from_secs(1), Duration::from_secs(90), &metrics, 4);
-        let smallest = upstreams.clients.len() - 1;
+        let classes = Slots::new(4).classes();
+        let smallest = classes.len() - 1;
         let open = metrics.connection_gauge(crate::timed_body::Side::Client);
-        // (client connections open, sends a body) -> the senders' pool?
-        for ((clients_open, sends_body), senders) in
+        // (client connections open, sends a body) -> a pool of its own?
+        for ((clients_open, sends_body), own_pool) in
             [((1, true), false), ((1, false), false), ((100, true), true), ((100, false), false)]
         {
             open.set(clients_open);
             let (client, stream) = upstreams.pick(sends_body);
-            let (in_senders, in_class) =
-                (std::ptr::eq(client, &upstreams.senders), std::ptr::eq(client, &upstreams.clients[stream.class()]));
-            assert_eq!((in_senders, in_class), (senders, !senders), "{clients_open} open, body {sends_body}");
+            let pool = &upstreams.pools[stream.class()];
+            let chosen = if sends_body { &pool.sending } else { &pool.receiving };
+            assert!(std::ptr::eq(client, chosen), "{clients_open} open, body {sends_body}");
+            let reads = classes[stream.class()].reads;
+            let reads_chosen = if sends_body { reads.sending() } else { reads };
+            assert_eq!(reads_chosen != reads, own_pool, "{clients_open} open, body {sends_body}");
+            assert!(matches!(reads_chosen, Reads::UpTo(_)) || !sends_body, "a sender's write queue is bounded");
             assert_eq!(stream.class() == smallest, clients_open > 64, "{clients_open} open");
         }
+        assert_eq!(classes[smallest].reads.sending(), Reads::UpTo(24 << 10));
     }
 
     #[test]
