@@ -27,8 +27,9 @@ use crate::route::{Api, Operation};
 use crate::timeline::{attribute, RequestView, Split};
 
 /// The tracker's maps are looked up four to eight times per request under its lock. std's
-/// SipHash made that 6 % of a small proxied request's instructions (callgrind); foldhash is a
-/// fraction of it and still seeded per process, so clients cannot aim collisions at it.
+/// SipHash made that 6 % of a small proxied request's instructions (callgrind); foldhash costs a
+/// fraction of it. Its seeds are random per process and per map, so colliding repository names
+/// cannot be worked out ahead of time; and the tables are capped (`max_open` sessions) anyway.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 
