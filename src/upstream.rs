@@ -82,11 +82,11 @@ pub struct Upstreams<B> {
     clients_open: OpenClients,
 }
 
-/// A class's connections: those of exchanges that send a body read [`Reads::sending`], a pool
-/// of their own only where that differs from the class's reads.
+/// A class's connections. Exchanges that send a body read [`Reads::sending`]: a pool of their
+/// own only where that differs from the class's reads, the class's pool otherwise.
 struct Pool<B> {
     receiving: UpstreamClient<B>,
-    sending: UpstreamClient<B>,
+    sending: Option<UpstreamClient<B>>,
 }
 
 impl<B> Upstreams<B>
@@ -115,13 +115,8 @@ where
             .map(|(i, class)| {
                 let idle = if i < smallest { idle_timeout.min(LARGER_CLASS_IDLE) } else { idle_timeout };
                 let client = |reads| client(connector.clone(), reads, class.until.min(MAX_IDLE), idle);
-                let receiving = client(class.reads);
-                let sending = if class.reads.sending() == class.reads {
-                    receiving.clone() // the same pool
-                } else {
-                    client(class.reads.sending())
-                };
-                Pool { receiving, sending }
+                let sending = (class.reads.sending() != class.reads).then(|| client(class.reads.sending()));
+                Pool { receiving: client(class.reads), sending }
             })
             .collect();
         Upstreams { pools, slots, clients_open: metrics.open_clients() }
@@ -132,7 +127,11 @@ where
     pub fn pick(&self, sends_body: bool) -> (&UpstreamClient<B>, Stream) {
         let stream = self.slots.start_with_open(self.clients_open.now());
         let pool = &self.pools[stream.class()];
-        (if sends_body { &pool.sending } else { &pool.receiving }, stream)
+        let client = match &pool.sending {
+            Some(sending) if sends_body => sending,
+            _ => &pool.receiving,
+        };
+        (client, stream)
     }
 }
 
@@ -265,8 +264,9 @@ mod tests {
             open.set(clients_open);
             let (client, stream) = upstreams.pick(sends_body);
             let pool = &upstreams.pools[stream.class()];
-            let chosen = if sends_body { &pool.sending } else { &pool.receiving };
-            assert!(std::ptr::eq(client, chosen), "{clients_open} open, body {sends_body}");
+            let in_own_pool = pool.sending.as_ref().is_some_and(|sending| std::ptr::eq(client, sending));
+            let in_class_pool = std::ptr::eq(client, &pool.receiving);
+            assert_eq!((in_own_pool, in_class_pool), (own_pool, !own_pool), "{clients_open} open, body {sends_body}");
             let reads = classes[stream.class()].reads;
             let reads_chosen = if sends_body { reads.sending() } else { reads };
             assert_eq!(reads_chosen != reads, own_pool, "{clients_open} open, body {sends_body}");
