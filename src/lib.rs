@@ -10,7 +10,8 @@
 //! - [`proxy`]: one exchange end to end; [`upstream`]: the pooled client; [`tls`]: rustls.
 //! - [`server`]: listeners, accept loops, graceful shutdown; [`admin`]: the admin port.
 //! - [`buffers`]: how much a connection reads at once, by load (memory stays bounded);
-//!   [`trim`]: freed heap given back to the system once a burst of transfers is over.
+//!   [`admission`]: how many uploads stream through at once; [`trim`]: freed heap given back
+//!   to the system once a burst of transfers is over.
 //! - [`phases`]: upload phases, v1 and v2 in one vocabulary; [`manifest`]: what a pull fetches.
 //! - [`timeline`]: a transfer's requests on one time axis, and who each instant belongs to.
 //! - [`transfers`]: grouping requests into pushes and pulls; [`report`]: the table people read.
@@ -20,6 +21,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod buffers;
 pub mod config;
 pub mod error;
@@ -89,6 +91,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         host_mode: config.host_header,
         response_timeout: config.upstream_response_timeout,
         stall_timeout: (!config.body_stall_timeout.is_zero()).then_some(config.body_stall_timeout),
+        admission: (config.upload_slots > 0).then(|| admission::Admission::new(config.upload_slots, &metrics)),
         recorders,
     });
     let probe =

@@ -121,6 +121,8 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     pub connections: IntGaugeVec,
     pub upstream_connect: Histogram,
+    pub uploads_waiting: IntGauge,
+    pub upload_admission_wait: Histogram,
     pub upstream_errors: IntCounterVec,
     pub aborted: IntCounterVec,
     pub stalled: IntCounterVec,
@@ -293,6 +295,19 @@ impl Metrics {
                 .buckets(DURATION_BUCKETS.to_vec()),
             )
             .expect("valid histogram definition"),
+            uploads_waiting: IntGauge::new(
+                "regscope_uploads_waiting",
+                "Uploads waiting for a slot (--upload-slots) before being forwarded, right now.",
+            )
+            .expect("valid gauge definition"),
+            upload_admission_wait: Histogram::with_opts(
+                HistogramOpts::new(
+                    "regscope_upload_admission_wait_seconds",
+                    "Per upload that found every slot (--upload-slots) taken: how long it waited to be forwarded.",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+            )
+            .expect("valid histogram definition"),
             upstream_errors: counter(
                 "regscope_upstream_errors_total",
                 "Exchanges that failed on the registry side, by cause.",
@@ -363,6 +378,8 @@ impl Metrics {
         register(Box::new(m.in_flight.clone()));
         register(Box::new(m.connections.clone()));
         register(Box::new(m.upstream_connect.clone()));
+        register(Box::new(m.uploads_waiting.clone()));
+        register(Box::new(m.upload_admission_wait.clone()));
         register(Box::new(m.upstream_errors.clone()));
         register(Box::new(m.aborted.clone()));
         register(Box::new(m.stalled.clone()));

@@ -15,6 +15,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::admission::{self, Admission};
 use crate::error::{classify_client_error, ClientFault, ProxyError};
 use crate::exchange::{Exchange, Recorders, ResponseInfo};
 use crate::headers::{self, ClientView, HostMode, Origin};
@@ -62,6 +63,8 @@ pub struct Proxy {
     pub response_timeout: Duration,
     /// `None`: stall detection off.
     pub stall_timeout: Option<Duration>,
+    /// `None`: uploads stream through without waiting for a slot.
+    pub admission: Option<Arc<Admission>>,
     pub recorders: Arc<Recorders>,
 }
 
@@ -148,8 +151,23 @@ impl Proxy {
         if exchange.info().operation == Operation::ManifestPut {
             body = body.capture(manifest::CAPTURE_LIMIT, declared);
         }
+        // Held until the response head: the upstream connection is busy until then.
+        let ticket = match &self.admission {
+            Some(slots)
+                if admission::needs_slot(
+                    exchange.info().operation,
+                    http_body::Body::is_end_stream(&body),
+                    declared,
+                ) =>
+            {
+                Some(slots.admit(&exchange.upload_progress).await)
+            }
+            _ => None,
+        };
         exchange.mark_forwarded();
-        let response = self.await_response(Request::from_parts(parts, Box::new(body)), exchange).await?;
+        let response = self.await_response(Request::from_parts(parts, Box::new(body)), exchange).await;
+        drop(ticket);
+        let response = response?;
 
         let (mut parts, body) = response.into_parts();
         let upstream_origin =

@@ -1,0 +1,318 @@
+//! Upload admission: how many request bodies stream through at once.
+//!
+//! An upload streaming through holds its client connection's grown read buffer, an upstream
+//! connection with its buffers, and the frames on their way between the two: 110 to 210 KiB
+//! each with a thousand at once. One that has not started holds about 40 KiB (hyper's buffers
+//! for its client connection, its task). So at most `--upload-slots` bodies stream at a time and
+//! the others wait unread, their bytes in the kernel's socket buffers as behind any busy server;
+//! the crowd moves as fast (two cores move bytes as fast for 64 streams as for 1000) in a
+//! fraction of the memory.
+//!
+//! A slot is for moving bytes, not for waiting: a waiter that has waited [`STALL`] takes the
+//! slot of a holder that has moved nothing for [`STALL`] (its client stopped sending, or the
+//! registry stopped reading), and that holder carries on without one. So a stalled client holds
+//! nobody up for longer than that; a slow one that keeps sending keeps its slot.
+//!
+//! A wait is regscope's own time: counted in `regscope_upload_admission_wait_seconds`, and in a
+//! transfer's timeline it is the request's turnaround before it is forwarded.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use prometheus::{Histogram, IntGauge};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::route::Operation;
+
+/// How long a holder may move nothing before a waiter takes its slot.
+pub const STALL: Duration = Duration::from_secs(1);
+
+/// How often a waiter looks for a stalled holder: a holder is seen stalled at most this long
+/// after [`STALL`].
+const LOOK_EVERY: Duration = Duration::from_millis(250);
+
+/// Bodies that declare at most this many bytes need no slot (manifests, tag lists): they fit in
+/// a read or two.
+pub const SMALL_BODY: u64 = 64 << 10;
+
+/// The slots, who holds them, and the metrics of waiting for one.
+pub struct Admission {
+    permits: Arc<Semaphore>,
+    holders: Mutex<Holders>,
+    waiting: IntGauge,
+    wait: Histogram,
+}
+
+#[derive(Default)]
+struct Holders {
+    next_id: u64,
+    /// At most one per slot.
+    list: Vec<Holder>,
+}
+
+struct Holder {
+    id: u64,
+    /// The upload's live byte count (the exchange's, kept by its timed body).
+    progress: Arc<AtomicU64>,
+    watch: Watch,
+}
+
+/// A byte count as last seen, and since when it has not changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Watch {
+    bytes: u64,
+    since: Instant,
+}
+
+impl Watch {
+    /// Records a look at the byte count; true when it has not moved for [`STALL`].
+    fn stalled(&mut self, bytes: u64, now: Instant) -> bool {
+        if bytes != self.bytes {
+            *self = Watch { bytes, since: now };
+            return false;
+        }
+        now.saturating_duration_since(self.since) >= STALL
+    }
+}
+
+/// Whether a request needs a slot: its body has bytes and does not declare a small size, or it
+/// starts a blob upload (a thousand pushes starting at once would otherwise open a thousand
+/// registry connections at once). The step that ends an upload without a body never waits: its
+/// connection may still hold the buffers its body grew, so it is let through at once.
+pub fn needs_slot(operation: Operation, body_is_empty: bool, declared: Option<u64>) -> bool {
+    let starts = matches!(operation, Operation::UploadStart | Operation::UploadStartMonolithic | Operation::BlobMount);
+    starts || (!body_is_empty && declared.is_none_or(|length| length > SMALL_BODY))
+}
+
+impl Admission {
+    /// `slots` uploads at a time (at least one).
+    pub fn new(slots: usize, metrics: &Metrics) -> Arc<Admission> {
+        Arc::new(Admission {
+            permits: Arc::new(Semaphore::new(slots.max(1))),
+            holders: Mutex::new(Holders::default()),
+            waiting: metrics.uploads_waiting.clone(),
+            wait: metrics.upload_admission_wait.clone(),
+        })
+    }
+
+    /// Waits for a slot for the upload whose live byte count is `progress`; the slot is held
+    /// until the ticket is dropped. First come, first served.
+    pub async fn admit(self: &Arc<Self>, progress: &Arc<AtomicU64>) -> Ticket {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => self.wait_for_slot().await,
+        };
+        let mut holders = self.holders();
+        let id = holders.next_id;
+        holders.next_id += 1;
+        let watch = Watch { bytes: progress.load(Ordering::Relaxed), since: Instant::now() };
+        holders.list.push(Holder { id, progress: progress.clone(), watch });
+        Ticket { admission: self.clone(), id, permit: Some(permit) }
+    }
+
+    async fn wait_for_slot(&self) -> OwnedSemaphorePermit {
+        let started = Instant::now();
+        let _waiting = Waiting::new(&self.waiting);
+        let acquire = self.permits.clone().acquire_owned();
+        tokio::pin!(acquire);
+        // A look on arrival: behind a crowd of stalled uploads, nobody waits for a tick.
+        let permit = loop {
+            self.take_over_stalled();
+            tokio::select! {
+                permit = &mut acquire => break permit.expect("the semaphore is never closed"),
+                () = tokio::time::sleep(LOOK_EVERY) => {}
+            }
+        };
+        self.wait.observe(started.elapsed().as_secs_f64());
+        permit
+    }
+
+    /// Frees the slot of one holder that has moved nothing for [`STALL`], if there is one: it
+    /// goes to the first waiter in line.
+    fn take_over_stalled(&self) {
+        let mut holders = self.holders();
+        let now = Instant::now();
+        let stalled = holders.list.iter_mut().position(|h| h.watch.stalled(h.progress.load(Ordering::Relaxed), now));
+        if let Some(index) = stalled {
+            holders.list.swap_remove(index);
+            self.permits.add_permits(1);
+        }
+    }
+
+    /// Slots held, for tests and the log.
+    pub fn held(&self) -> usize {
+        self.holders().list.len()
+    }
+
+    fn holders(&self) -> MutexGuard<'_, Holders> {
+        // Nothing under the lock can panic half way; a poisoned list is still whole.
+        self.holders.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// An admitted upload's slot. Dropped, it goes back, unless a waiter has taken it over: then
+/// the permit is forgotten, as the taker added one in its place.
+pub struct Ticket {
+    admission: Arc<Admission>,
+    id: u64,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut holders = self.admission.holders();
+        let permit = self.permit.take();
+        match holders.list.iter().position(|h| h.id == self.id) {
+            Some(index) => {
+                holders.list.swap_remove(index);
+                drop(permit);
+            }
+            None => {
+                if let Some(permit) = permit {
+                    permit.forget();
+                }
+            }
+        }
+    }
+}
+
+/// Counts a waiter in the gauge for as long as it waits, however its wait ends (a client that
+/// goes away drops it).
+struct Waiting<'a>(&'a IntGauge);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_requests_need_a_slot() {
+        use Operation::*;
+        let cases: &[(Operation, bool, Option<u64>, bool)] = &[
+            // Starting an upload, with a body or without.
+            (UploadStart, true, Some(0), true),
+            (UploadStartMonolithic, false, Some(1 << 20), true),
+            (BlobMount, true, None, true),
+            // Its other steps, by their bodies: ending one never waits.
+            (UploadChunk, false, None, true),
+            (UploadChunk, true, Some(0), false),
+            (UploadFinish, false, Some(1 << 20), true),
+            (UploadFinish, true, Some(0), false),
+            // Other requests, by their bodies.
+            (ManifestGet, true, None, false),
+            (BlobGet, true, None, false),
+            (ManifestPut, false, Some(4 << 10), false),
+            (ManifestPut, false, Some(SMALL_BODY), false),
+            (ManifestPut, false, Some(SMALL_BODY + 1), true),
+            (ManifestPut, false, None, true),
+            (V1LayerPut, false, Some(1 << 30), true),
+            (Other, false, None, true),
+            (Other, true, None, false),
+        ];
+        for &(operation, empty, declared, want) in cases {
+            assert_eq!(
+                needs_slot(operation, empty, declared),
+                want,
+                "{operation:?}, empty {empty}, declared {declared:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_watch_calls_stalled_only_after_stall_without_bytes() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // (look at, bytes seen, stalled?)
+        let looks: &[(u64, u64, bool)] = &[
+            (0, 0, false),
+            (999, 0, false),
+            (1000, 0, true),
+            (1200, 5, false), // moved: the clock restarts
+            (2100, 5, false),
+            (2200, 5, true),
+            (2300, 5, true),
+            (2400, 9, false),
+        ];
+        let mut watch = Watch { bytes: 0, since: t0 };
+        for &(at, bytes, want) in looks {
+            assert_eq!(watch.stalled(bytes, ms(at)), want, "at {at} ms, {bytes} bytes");
+        }
+    }
+
+    fn admission(slots: usize) -> Arc<Admission> {
+        Admission::new(slots, &Metrics::new(0))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gets_the_slot_given_back() {
+        let admission = admission(1);
+        let (a, b) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let first = admission.admit(&a).await;
+        let waiter = tokio::spawn({
+            let admission = admission.clone();
+            async move { admission.admit(&b).await }
+        });
+        // The holder keeps moving bytes: nobody takes its slot, however long the waiter waits.
+        for _ in 0..5 {
+            tokio::time::sleep(STALL / 2).await;
+            a.fetch_add(1, Ordering::Relaxed);
+        }
+        assert!(!waiter.is_finished(), "admitted while the only slot was held by an upload moving bytes");
+        assert_eq!(admission.waiting.get(), 1);
+        drop(first);
+        let second = waiter.await.unwrap();
+        assert_eq!(admission.held(), 1);
+        assert_eq!(admission.waiting.get(), 0);
+        assert_eq!(admission.wait.get_sample_count(), 1);
+        drop(second);
+        assert_eq!(admission.held(), 0);
+        assert_eq!(admission.permits.available_permits(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_holder_loses_its_slot_and_the_count_stays_right() {
+        let admission = admission(1);
+        let (a, b) = (Arc::new(AtomicU64::new(7)), Arc::new(AtomicU64::new(0)));
+        let stalled = admission.admit(&a).await;
+        let started = Instant::now();
+        let taker = tokio::time::timeout(STALL * 5, admission.admit(&b))
+            .await
+            .expect("a stalled holder's slot was not taken over");
+        let waited = started.elapsed();
+        assert!(waited >= STALL && waited < STALL * 3, "took the stalled holder's slot after {waited:?}");
+        assert_eq!(admission.held(), 1, "the taker holds the slot, the stalled upload none");
+        // The stalled upload ends: its permit must not come back as a second slot.
+        drop(stalled);
+        assert_eq!(admission.permits.available_permits(), 0);
+        drop(taker);
+        assert_eq!(admission.permits.available_permits(), 1);
+        assert_eq!(admission.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_goes_away_leaves_no_count_behind() {
+        let admission = admission(1);
+        let a = Arc::new(AtomicU64::new(0));
+        let _held = admission.admit(&a).await;
+        let b = Arc::new(AtomicU64::new(0));
+        let gone = tokio::time::timeout(STALL / 2, admission.admit(&b)).await;
+        assert!(gone.is_err());
+        assert_eq!(admission.waiting.get(), 0);
+        assert_eq!(admission.wait.get_sample_count(), 0);
+    }
+}
