@@ -6,7 +6,7 @@
 //! for its client connection, its task). So at most `--upload-slots` bodies stream at a time and
 //! the others wait unread, their bytes in the kernel's socket buffers as behind any busy server;
 //! the crowd moves as fast (two cores move bytes as fast for 64 streams as for 1000) in a
-//! fraction of the memory.
+//! fraction of the memory. Starting an upload takes a slot too (see [`needs_slot`]).
 //!
 //! A slot is for moving bytes, not for waiting: a waiter that has waited [`STALL`] takes the
 //! slot of a holder that has moved nothing for [`STALL`] (its client stopped sending, or the

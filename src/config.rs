@@ -99,10 +99,10 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_LARGE_READ_STREAMS", default_value_t = 4)]
     pub large_read_streams: usize,
 
-    /// Uploads whose bodies stream through at once; the others wait, unread, until one ends or
-    /// stalls for a second (its slot is then taken over). Each streaming upload holds 100–200 KiB
-    /// of buffers, a waiting one about 40. Bodies declaring 64 KiB or less need no slot. 0: no
-    /// limit.
+    /// Uploads whose bodies stream through at once (starting an upload takes a slot too); the
+    /// others wait, unread, until one ends or moves nothing for a second (its slot is then taken
+    /// over). Each streaming upload holds 100–200 KiB of buffers, a waiting one about 40. Bodies
+    /// declaring 64 KiB or less, and the bodyless commit, need no slot. 0: no limit.
     #[arg(long, env = "REGSCOPE_UPLOAD_SLOTS", default_value_t = 64)]
     pub upload_slots: usize,
 

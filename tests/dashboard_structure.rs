@@ -160,6 +160,7 @@ fn the_promised_rows_and_families_are_there() {
     for family in [
         "regscope_requests_total",
         "regscope_in_flight_requests",
+        "regscope_uploads_waiting",
         "regscope_upstream_errors_total",
         "regscope_image_time_seconds_total",
         "regscope_image_transfer_seconds_bucket",

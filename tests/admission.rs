@@ -1,0 +1,170 @@
+//! Upload admission (`--upload-slots`, `src/admission.rs`) against the real registry, with one
+//! slot: an upload that keeps sending keeps it, and the next upload waits until it is over; an
+//! upload whose client goes quiet loses it after about a second and carries on without it.
+//! Either way every blob arrives whole, and the waits are counted.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::client::{digest_of, start_upload, target_at, with_digest, Conn, Pattern};
+use support::{metric_sum, Registry, Regscope};
+
+const REPO: &str = "admission/blobs";
+
+fn one_slot() -> (Registry, Regscope) {
+    let registry = Registry::start();
+    let regscope = Regscope::start(&["--upstream", &registry.url(), "--upload-slots", "1"]);
+    (registry, regscope)
+}
+
+/// Starts an upload on `conn` and sends the head of a chunked PATCH for it.
+fn open_chunked_patch(conn: &mut Conn<std::net::TcpStream>, proxy: SocketAddr) {
+    let host = proxy.to_string();
+    let location = start_upload(conn, &host, REPO);
+    let headers =
+        [("Host", host.as_str()), ("Content-Type", "application/octet-stream"), ("Transfer-Encoding", "chunked")];
+    conn.send_head("PATCH", &target_at(&location, &format!("http://{host}")), &headers).unwrap();
+}
+
+/// Ends the chunked PATCH on `conn`, then commits the blob with a PUT.
+fn finish_chunked(conn: &mut Conn<std::net::TcpStream>, proxy: SocketAddr, blob: &[u8]) {
+    conn.finish_chunks().unwrap();
+    let patched = conn.read_response().unwrap();
+    assert_eq!(patched.status(), 202, "PATCH: {}", patched.text());
+    commit(conn, proxy, patched.header("location").expect("202 with a Location"), blob);
+}
+
+fn commit(conn: &mut Conn<std::net::TcpStream>, proxy: SocketAddr, location: &str, blob: &[u8]) {
+    let host = proxy.to_string();
+    let target = with_digest(&target_at(location, &format!("http://{host}")), &digest_of(blob));
+    let put = conn.request("PUT", &target, &[("Host", &host)], b"").unwrap();
+    assert_eq!(put.status(), 201, "PUT: {}", put.text());
+}
+
+/// A whole upload on a connection of its own: POST, one PATCH with the blob, PUT.
+fn upload_whole(proxy: SocketAddr, blob: &[u8]) {
+    let host = proxy.to_string();
+    let mut conn = Conn::connect(proxy);
+    let location = start_upload(&mut conn, &host, REPO);
+    let headers = [("Host", host.as_str()), ("Content-Type", "application/octet-stream")];
+    let patched = conn.request("PATCH", &target_at(&location, &format!("http://{host}")), &headers, blob).unwrap();
+    assert_eq!(patched.status(), 202, "PATCH: {}", patched.text());
+    commit(&mut conn, proxy, patched.header("location").expect("202 with a Location"), blob);
+}
+
+/// The registry holds the blob at its length (asked directly, not through regscope).
+fn assert_stored(registry: &Registry, blob: &[u8]) {
+    let host = registry.addr().to_string();
+    let mut conn = Conn::connect(registry.addr());
+    let target = format!("/v2/{REPO}/blobs/{}", digest_of(blob));
+    let head = conn.request("HEAD", &target, &[("Host", &host)], b"").unwrap();
+    assert_eq!(head.status(), 200, "HEAD {target} at the registry");
+    assert_eq!(head.header("content-length"), Some(blob.len().to_string().as_str()), "HEAD {target}");
+}
+
+/// `len` bytes of the pattern for `seed`.
+fn blob(seed: u64, len: usize) -> Vec<u8> {
+    Pattern::new(seed).next_slice(len).to_vec()
+}
+
+/// (uploads waiting now, waits counted, seconds waited in all)
+fn waits(regscope: &Regscope) -> (f64, f64, f64) {
+    let text = regscope.metrics_text();
+    (
+        metric_sum(&text, "regscope_uploads_waiting", &[]),
+        metric_sum(&text, "regscope_upload_admission_wait_seconds_count", &[]),
+        metric_sum(&text, "regscope_upload_admission_wait_seconds_sum", &[]),
+    )
+}
+
+#[test]
+fn an_upload_that_keeps_sending_keeps_its_slot_and_the_next_waits_for_it() {
+    let (registry, regscope) = one_slot();
+    let proxy = regscope.proxy_addr();
+    // The first upload's body goes in 40 chunks of 16 KiB, one every 100 ms: 4 s in all, never
+    // quiet for anything near the second a holder may stay silent.
+    let first = blob(0xA1, 640 << 10);
+    let second = blob(0xB2, 256 << 10);
+
+    let mut a = Conn::connect(proxy);
+    open_chunked_patch(&mut a, proxy);
+    let sending = thread::spawn({
+        let first = first.clone();
+        move || {
+            for chunk in first.chunks(16 << 10) {
+                a.send_chunk(chunk).unwrap();
+                thread::sleep(Duration::from_millis(100));
+            }
+            finish_chunked(&mut a, proxy, &first);
+        }
+    });
+    thread::sleep(Duration::from_millis(300));
+
+    let second_done = Arc::new(AtomicBool::new(false));
+    let uploading = thread::spawn({
+        let (second, done) = (second.clone(), second_done.clone());
+        move || {
+            upload_whole(proxy, &second);
+            done.store(true, Ordering::SeqCst);
+        }
+    });
+    thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !second_done.load(Ordering::SeqCst),
+        "the second upload went through while the only slot was held by one still sending"
+    );
+    assert_eq!(waits(&regscope).0, 1.0, "the second upload is not counted as waiting");
+
+    sending.join().expect("the first upload");
+    uploading.join().expect("the second upload");
+    assert_stored(&registry, &first);
+    assert_stored(&registry, &second);
+    let (waiting, count, seconds) = waits(&regscope);
+    assert_eq!((waiting, count), (0.0, 1.0), "one wait (the second upload's start), none left");
+    assert!(seconds >= 2.5, "the second upload waited {seconds} s, the first sent for 3.7 s after it asked");
+}
+
+#[test]
+fn an_upload_whose_client_goes_quiet_loses_its_slot_and_both_arrive_whole() {
+    let (registry, regscope) = one_slot();
+    let proxy = regscope.proxy_addr();
+    let quiet = blob(0xC3, 512 << 10);
+    let other = blob(0xD4, 256 << 10);
+
+    // The first upload sends a quarter of its body, then nothing, holding the only slot.
+    let mut a = Conn::connect(proxy);
+    open_chunked_patch(&mut a, proxy);
+    a.send_chunk(&quiet[..128 << 10]).unwrap();
+
+    let (done, finished) = mpsc::channel();
+    thread::spawn({
+        let other = other.clone();
+        move || {
+            let started = Instant::now();
+            upload_whole(proxy, &other);
+            let _ = done.send(started.elapsed());
+        }
+    });
+    let took = finished.recv_timeout(Duration::from_secs(5)).expect("a quiet upload kept the only slot for 5 s");
+    assert!(took >= Duration::from_millis(900), "went through in {took:?}, while a quiet upload held the only slot");
+
+    // The quiet one was not cut off: it carries on without a slot and arrives whole.
+    a.send_chunk(&quiet[128 << 10..]).unwrap();
+    finish_chunked(&mut a, proxy, &quiet);
+    assert_stored(&registry, &quiet);
+    assert_stored(&registry, &other);
+
+    // The slot went back exactly once: the next upload finds it free at once.
+    let third = blob(0xE5, 64 << 10);
+    let started = Instant::now();
+    upload_whole(proxy, &third);
+    assert!(started.elapsed() < Duration::from_millis(900), "the slot was not free after both uploads ended");
+    assert_stored(&registry, &third);
+    let (waiting, count, _) = waits(&regscope);
+    assert_eq!((waiting, count), (0.0, 1.0), "one wait (the second upload's start), none left");
+}
