@@ -8,10 +8,11 @@
 //! the crowd moves as fast (two cores move bytes as fast for 64 streams as for 1000) in a
 //! fraction of the memory. Starting an upload takes a slot too (see [`needs_slot`]).
 //!
-//! A slot is for moving bytes, not for waiting: a waiter that has waited [`STALL`] takes the
-//! slot of a holder that has moved nothing for [`STALL`] (its client stopped sending, or the
-//! registry stopped reading), and that holder carries on without one. So a stalled client holds
-//! nobody up for longer than that; a slow one that keeps sending keeps its slot.
+//! A slot is for moving bytes, not for waiting: a waiter takes the slot of a holder that has
+//! moved nothing for [`STALL`] (its client stopped sending, or the registry stopped reading),
+//! looking on arrival and every [`LOOK_EVERY`] after, and that holder carries on without one. So
+//! a stalled client holds nobody up for much longer than that; a slow one that keeps sending
+//! keeps its slot.
 //!
 //! A wait is regscope's own time: counted in `regscope_upload_admission_wait_seconds`, and in a
 //! transfer's timeline it is the request's turnaround before it is forwarded.
@@ -32,7 +33,7 @@ pub const STALL: Duration = Duration::from_secs(1);
 
 /// How often a waiter looks for a stalled holder: a holder is seen stalled at most this long
 /// after [`STALL`].
-const LOOK_EVERY: Duration = Duration::from_millis(250);
+pub const LOOK_EVERY: Duration = Duration::from_millis(250);
 
 /// Bodies that declare at most this many bytes need no slot (manifests, tag lists): they fit in
 /// a read or two.
@@ -142,8 +143,8 @@ impl Admission {
         }
     }
 
-    /// Slots held, for tests and the log.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.holders().list.len()
     }
 

@@ -25,6 +25,8 @@ fn the_heap_a_crowd_grew_is_given_back_once_it_has_left() {
     let origin = format!("http://{host}");
 
     // A crowd of uploads, each started and part-way through its first chunk, all still open.
+    // Past the 64 upload slots each waits for the slot of one gone quiet (src/admission.rs), so
+    // the crowd builds up 64 a second, and all of it streams in the end.
     let chunk = vec![0x5A; 128 << 10];
     let mut crowd: Vec<_> = (0..CROWD)
         .map(|_| {
