@@ -25,7 +25,7 @@ use prometheus::{Histogram, IntGauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Counted, Metrics};
 use crate::route::Operation;
 
 /// How long a holder may move nothing before a waiter takes its slot.
@@ -116,7 +116,8 @@ impl Admission {
 
     async fn wait_for_slot(&self) -> OwnedSemaphorePermit {
         let started = Instant::now();
-        let _waiting = Waiting::new(&self.waiting);
+        // Counted however the wait ends (a client that goes away drops it).
+        let _waiting = Counted::new(self.waiting.clone());
         let acquire = self.permits.clone().acquire_owned();
         tokio::pin!(acquire);
         // A look on arrival: behind a crowd of stalled uploads, nobody waits for a tick.
@@ -177,23 +178,6 @@ impl Drop for Ticket {
                 }
             }
         }
-    }
-}
-
-/// Counts a waiter in the gauge for as long as it waits, however its wait ends (a client that
-/// goes away drops it).
-struct Waiting<'a>(&'a IntGauge);
-
-impl<'a> Waiting<'a> {
-    fn new(gauge: &'a IntGauge) -> Self {
-        gauge.inc();
-        Waiting(gauge)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

@@ -208,6 +208,23 @@ fn stall_index(op: Operation, dir: Direction, side: Side) -> usize {
     body_index(op, dir) * 2 + side as usize
 }
 
+/// Counts one in a gauge for as long as it lives (an open connection, a waiting upload), however
+/// its life ends.
+pub struct Counted(IntGauge);
+
+impl Counted {
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
     HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
         .expect("valid histogram definition")

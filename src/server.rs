@@ -18,8 +18,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::Admin;
 use crate::buffers::{self, Slots};
 use crate::headers;
+use crate::metrics::Counted;
 use crate::proxy::{ConnInfo, Proxy};
-use crate::socket::{OpenConnection, Watch, Watched};
+use crate::socket::{Watch, Watched};
 use crate::timed_body::{Drain, Side};
 
 /// How long a TLS handshake may take.
@@ -97,7 +98,7 @@ pub async fn run(
         let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let _slot = slot;
-            let _open = OpenConnection::new(proxy.recorders.metrics.connection_gauge(Side::Client));
+            let _open = Counted::new(proxy.recorders.metrics.connection_gauge(Side::Client));
             // Until a client has said which protocol it speaks it is not served; a silent one is
             // closed after the header timeout, and shutdown does not wait for it.
             let result = match tls {

@@ -14,8 +14,9 @@ use std::task::{Context, Poll};
 
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use prometheus::IntGauge;
 use tokio::net::TcpStream;
+
+use crate::metrics::Counted;
 
 /// Unsent bytes a socket may hold: small enough that the time a peer takes to read them is
 /// noise (128 KiB is 1 ms at 1 Gbit/s), large enough to keep loopback throughput.
@@ -92,20 +93,5 @@ impl<T: Connection, W> Connection for Watched<T, W> {
     }
 }
 
-/// Counts a connection in an open-connections gauge for as long as it lives.
-pub struct OpenConnection(IntGauge);
-
-impl OpenConnection {
-    pub fn new(gauge: IntGauge) -> Self {
-        gauge.inc();
-        OpenConnection(gauge)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-impl Watch for OpenConnection {}
+/// A connection counted in an open-connections gauge: counted for as long as it lives.
+impl Watch for Counted {}

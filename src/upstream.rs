@@ -18,8 +18,8 @@ use tower_service::Service;
 
 use crate::buffers::{Reads, Slots, Stream};
 use crate::error::SetupError;
-use crate::metrics::{Metrics, OpenClients};
-use crate::socket::{OpenConnection, Watched};
+use crate::metrics::{Counted, Metrics, OpenClients};
+use crate::socket::Watched;
 use crate::timed_body::Side;
 
 /// Where requests go: the parsed `--upstream`.
@@ -205,7 +205,7 @@ where
     C::Error: Into<BoxError>,
 {
     /// Counted in the open-connections gauge until it closes.
-    type Response = Watched<MaybeHttpsStream<TokioIo<TcpStream>>, OpenConnection>;
+    type Response = Watched<MaybeHttpsStream<TokioIo<TcpStream>>, Counted>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -225,7 +225,7 @@ where
                 MaybeHttpsStream::Http(tcp) => tcp.inner(),
                 MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().inner(),
             });
-            Ok(Watched::new(io, OpenConnection::new(open)))
+            Ok(Watched::new(io, Counted::new(open)))
         })
     }
 }
