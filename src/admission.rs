@@ -42,21 +42,15 @@ pub const SMALL_BODY: u64 = 64 << 10;
 /// The slots, who holds them, and the metrics of waiting for one.
 pub struct Admission {
     permits: Arc<Semaphore>,
-    holders: Mutex<Holders>,
+    /// At most one per slot.
+    holders: Mutex<Vec<Holder>>,
     waiting: IntGauge,
     wait: Histogram,
 }
 
-#[derive(Default)]
-struct Holders {
-    next_id: u64,
-    /// At most one per slot.
-    list: Vec<Holder>,
-}
-
 struct Holder {
-    id: u64,
-    /// The upload's live byte count (the exchange's, kept by its timed body).
+    /// The upload's live byte count (the exchange's, kept by its timed body); also what tells
+    /// holders apart, as each exchange has its own.
     progress: Arc<AtomicU64>,
     watch: Watch,
 }
@@ -93,7 +87,7 @@ impl Admission {
     pub fn new(slots: usize, metrics: &Metrics) -> Arc<Admission> {
         Arc::new(Admission {
             permits: Arc::new(Semaphore::new(slots.max(1))),
-            holders: Mutex::new(Holders::default()),
+            holders: Mutex::new(Vec::new()),
             waiting: metrics.uploads_waiting.clone(),
             wait: metrics.upload_admission_wait.clone(),
         })
@@ -106,12 +100,9 @@ impl Admission {
             Ok(permit) => permit,
             Err(_) => self.wait_for_slot().await,
         };
-        let mut holders = self.holders();
-        let id = holders.next_id;
-        holders.next_id += 1;
         let watch = Watch { bytes: progress.load(Ordering::Relaxed), since: Instant::now() };
-        holders.list.push(Holder { id, progress: progress.clone(), watch });
-        Ticket { admission: self.clone(), id, permit: Some(permit) }
+        self.holders().push(Holder { progress: progress.clone(), watch });
+        Ticket { admission: self.clone(), progress: progress.clone(), permit: Some(permit) }
     }
 
     async fn wait_for_slot(&self) -> OwnedSemaphorePermit {
@@ -137,19 +128,19 @@ impl Admission {
     fn take_over_stalled(&self) {
         let mut holders = self.holders();
         let now = Instant::now();
-        let stalled = holders.list.iter_mut().position(|h| h.watch.stalled(h.progress.load(Ordering::Relaxed), now));
+        let stalled = holders.iter_mut().position(|h| h.watch.stalled(h.progress.load(Ordering::Relaxed), now));
         if let Some(index) = stalled {
-            holders.list.swap_remove(index);
+            holders.swap_remove(index);
             self.permits.add_permits(1);
         }
     }
 
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.holders().list.len()
+        self.holders().len()
     }
 
-    fn holders(&self) -> MutexGuard<'_, Holders> {
+    fn holders(&self) -> MutexGuard<'_, Vec<Holder>> {
         // Nothing under the lock can panic half way; a poisoned list is still whole.
         self.holders.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -159,7 +150,8 @@ impl Admission {
 /// the permit is forgotten, as the taker added one in its place.
 pub struct Ticket {
     admission: Arc<Admission>,
-    id: u64,
+    /// Its holder's byte count: the holder, if it still holds the slot.
+    progress: Arc<AtomicU64>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -167,9 +159,9 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let mut holders = self.admission.holders();
         let permit = self.permit.take();
-        match holders.list.iter().position(|h| h.id == self.id) {
+        match holders.iter().position(|h| Arc::ptr_eq(&h.progress, &self.progress)) {
             Some(index) => {
-                holders.list.swap_remove(index);
+                holders.swap_remove(index);
                 drop(permit);
             }
             None => {
