@@ -230,6 +230,10 @@ fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> Histog
         .expect("valid histogram definition")
 }
 
+fn unlabelled_histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("valid histogram definition")
+}
+
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
 }
@@ -304,27 +308,21 @@ impl Metrics {
                 "Open connections: from clients, and to the registry.",
                 &["side"],
             ),
-            upstream_connect: Histogram::with_opts(
-                HistogramOpts::new(
-                    "regscope_upstream_connect_seconds",
-                    "Time to open a new connection to the registry (TCP, and TLS when https).",
-                )
-                .buckets(DURATION_BUCKETS.to_vec()),
-            )
-            .expect("valid histogram definition"),
+            upstream_connect: unlabelled_histogram(
+                "regscope_upstream_connect_seconds",
+                "Time to open a new connection to the registry (TCP, and TLS when https).",
+                DURATION_BUCKETS,
+            ),
             uploads_waiting: IntGauge::new(
                 "regscope_uploads_waiting",
                 "Uploads waiting for a slot (--upload-slots) before being forwarded, right now.",
             )
             .expect("valid gauge definition"),
-            upload_admission_wait: Histogram::with_opts(
-                HistogramOpts::new(
-                    "regscope_upload_admission_wait_seconds",
-                    "Per upload that found every slot (--upload-slots) taken: how long it waited to be forwarded.",
-                )
-                .buckets(DURATION_BUCKETS.to_vec()),
-            )
-            .expect("valid histogram definition"),
+            upload_admission_wait: unlabelled_histogram(
+                "regscope_upload_admission_wait_seconds",
+                "Per upload that found every slot (--upload-slots) taken: how long it waited to be forwarded.",
+                DURATION_BUCKETS,
+            ),
             upstream_errors: counter(
                 "regscope_upstream_errors_total",
                 "Exchanges that failed on the registry side, by cause.",
