@@ -22,13 +22,15 @@ fn one_slot() -> (Registry, Regscope) {
     (registry, regscope)
 }
 
-/// Starts an upload on `conn` and sends the head of a chunked PATCH for it.
-fn open_chunked_patch(conn: &mut Conn<std::net::TcpStream>, proxy: SocketAddr) {
+/// A connection that has started an upload and sent the head of a chunked PATCH for it.
+fn open_chunked_patch(proxy: SocketAddr) -> Conn<std::net::TcpStream> {
+    let mut conn = Conn::connect(proxy);
     let host = proxy.to_string();
-    let location = start_upload(conn, &host, REPO);
+    let location = start_upload(&mut conn, &host, REPO);
     let headers =
         [("Host", host.as_str()), ("Content-Type", "application/octet-stream"), ("Transfer-Encoding", "chunked")];
     conn.send_head("PATCH", &target_at(&location, &format!("http://{host}")), &headers).unwrap();
+    conn
 }
 
 /// Ends the chunked PATCH on `conn`, then commits the blob with a PUT.
@@ -91,8 +93,7 @@ fn an_upload_that_keeps_sending_keeps_its_slot_and_the_next_waits_for_it() {
     let first = blob(0xA1, 640 << 10);
     let second = blob(0xB2, 256 << 10);
 
-    let mut a = Conn::connect(proxy);
-    open_chunked_patch(&mut a, proxy);
+    let mut a = open_chunked_patch(proxy);
     let sending = thread::spawn({
         let first = first.clone();
         move || {
@@ -137,8 +138,7 @@ fn an_upload_whose_client_goes_quiet_loses_its_slot_and_both_arrive_whole() {
     let other = blob(0xD4, 256 << 10);
 
     // The first upload sends a quarter of its body, then nothing, holding the only slot.
-    let mut a = Conn::connect(proxy);
-    open_chunked_patch(&mut a, proxy);
+    let mut a = open_chunked_patch(proxy);
     a.send_chunk(&quiet[..128 << 10]).unwrap();
 
     let (done, finished) = mpsc::channel();
