@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::buffers::Stream;
-use crate::metrics::{method_label, Metrics, UpstreamErrorKind, THROUGHPUT_MIN_BYTES};
+use crate::metrics::{Metrics, UpstreamErrorKind, THROUGHPUT_MIN_BYTES};
 use crate::route::{Api, Operation, Route};
 use crate::timed_body::{BodyOutcome, BodyRecorder, Direction, Side};
 
@@ -323,23 +323,9 @@ impl Drop for Exchange {
     }
 }
 
-/// The `code` label: the status as text, from a table built once (no formatting per request).
-fn status_label(status: Option<u16>) -> &'static str {
-    static CODES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let codes = CODES.get_or_init(|| (100..600).map(|c: u16| c.to_string()).collect());
-    match status {
-        Some(s @ 100..=599) => &codes[usize::from(s - 100)],
-        _ => "0",
-    }
-}
-
 fn observe(m: &Metrics, r: &ExchangeRecord) {
-    let api = r.api.as_str();
     let op = r.operation.as_str();
-    let method = method_label(&r.method);
-    let code = status_label(r.status);
-    m.requests_total.with_label_values(&[api, op, method, code]).inc();
-    m.request_duration.with_label_values(&[api, op, method, code]).observe(r.duration().as_secs_f64());
+    m.observe_request(r.operation, &r.method, r.status, r.duration().as_secs_f64());
     if let Some(wait) = r.upstream_wait() {
         m.upstream_response_of(r.operation).observe(wait.as_secs_f64());
     }

@@ -67,19 +67,66 @@ pub const THROUGHPUT_BUCKETS: &[f64] = &[
 /// more about latency than about bandwidth.
 pub const THROUGHPUT_MIN_BYTES: u64 = 1 << 20;
 
-/// The method label: a closed set, anything else is `other`.
-pub fn method_label(method: &Method) -> &'static str {
+/// The method label's values: a closed set, anything else is `other`.
+const METHODS: [&str; 8] = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS", "other"];
+
+fn method_index(method: &Method) -> usize {
     match *method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::PUT => "PUT",
-        Method::POST => "POST",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::PUT => 2,
+        Method::POST => 3,
+        Method::PATCH => 4,
+        Method::DELETE => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
     }
 }
+
+/// The method label: a closed set, anything else is `other`.
+pub fn method_label(method: &Method) -> &'static str {
+    METHODS[method_index(method)]
+}
+
+/// The `code` label: the status as text, from a table built once (no formatting per request).
+/// No status (the client left before one was sent) is `0`.
+pub fn status_label(status: Option<u16>) -> &'static str {
+    static CODES: OnceLock<Vec<String>> = OnceLock::new();
+    let codes = CODES.get_or_init(|| (100..600).map(|c: u16| c.to_string()).collect());
+    match status {
+        Some(s @ 100..=599) => &codes[usize::from(s - 100)],
+        _ => "0",
+    }
+}
+
+/// The statuses registries answer with, whose request children are kept by index; any other
+/// is looked up by label values.
+const STATUSES: [Option<u16>; 24] = [
+    None,
+    Some(200),
+    Some(201),
+    Some(202),
+    Some(204),
+    Some(206),
+    Some(301),
+    Some(302),
+    Some(304),
+    Some(307),
+    Some(308),
+    Some(400),
+    Some(401),
+    Some(403),
+    Some(404),
+    Some(405),
+    Some(409),
+    Some(413),
+    Some(416),
+    Some(429),
+    Some(500),
+    Some(502),
+    Some(503),
+    Some(504),
+];
 
 /// Why an upstream exchange failed. A metric label: closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -182,6 +229,7 @@ struct PerRequest {
     throughput: Children<HistogramVec>,
     body_stall_total: Children<CounterVec>,
     body_stall: Children<HistogramVec>,
+    requests: Requests,
 }
 
 impl PerRequest {
@@ -196,6 +244,7 @@ impl PerRequest {
             throughput: Children::new(&m.throughput, ops * 2),
             body_stall_total: Children::new(&m.body_stall_total, ops * 4),
             body_stall: Children::new(&m.body_stall, ops * 4),
+            requests: Requests::new(m),
         }
     }
 }
@@ -206,6 +255,42 @@ fn body_index(op: Operation, dir: Direction) -> usize {
 
 fn stall_index(op: Operation, dir: Direction, side: Side) -> usize {
     body_index(op, dir) * 2 + side as usize
+}
+
+/// `regscope_requests_total` and `regscope_request_duration_seconds` children, by operation and
+/// method (a row, made on first use: most pairs never happen), then by a status of
+/// [`STATUSES`].
+struct Requests {
+    total: IntCounterVec,
+    duration: HistogramVec,
+    rows: Box<[OnceLock<StatusRow>]>,
+}
+
+/// One operation and method's children, by status.
+type StatusRow = Box<[OnceLock<(IntCounter, Histogram)>]>;
+
+impl Requests {
+    fn new(m: &Metrics) -> Self {
+        let rows = (0..Operation::ALL.len() * METHODS.len()).map(|_| OnceLock::new()).collect();
+        Requests { total: m.requests_total.clone(), duration: m.request_duration.clone(), rows }
+    }
+
+    fn observe(&self, op: Operation, method: &Method, status: Option<u16>, seconds: f64) {
+        let method = method_index(method);
+        let labels = [op.api().as_str(), op.as_str(), METHODS[method], status_label(status)];
+        let child = || (self.total.with_label_values(&labels), self.duration.with_label_values(&labels));
+        let Some(slot) = STATUSES.iter().position(|s| *s == status) else {
+            let (total, duration) = child();
+            total.inc();
+            duration.observe(seconds);
+            return;
+        };
+        let row = self.rows[op as usize * METHODS.len() + method]
+            .get_or_init(|| STATUSES.iter().map(|_| OnceLock::new()).collect());
+        let (total, duration) = row[slot].get_or_init(child);
+        total.inc();
+        duration.observe(seconds);
+    }
 }
 
 /// Counts one in a gauge for as long as it lives (an open connection, a waiting upload), however
@@ -489,6 +574,11 @@ impl Metrics {
         self.children().body_stall.get(stall_index(op, dir, side), &stall(op, dir, side))
     }
 
+    /// One request in `regscope_requests_total` and `regscope_request_duration_seconds`.
+    pub fn observe_request(&self, op: Operation, method: &Method, status: Option<u16>, seconds: f64) {
+        self.children().requests.observe(op, method, status, seconds);
+    }
+
     fn children(&self) -> &PerRequest {
         self.children.get_or_init(|| PerRequest::new(self))
     }
@@ -620,6 +710,35 @@ mod tests {
         let text = String::from_utf8(m.encode()).unwrap();
         let body_bytes: Vec<&str> = text.lines().filter(|l| l.starts_with("regscope_body_bytes_total{")).collect();
         assert_eq!(body_bytes, [r#"regscope_body_bytes_total{api="v2",direction="download",operation="blob_get"} 12"#]);
+    }
+
+    /// A request lands in the series its labels name, whether its status is one kept by index
+    /// or not, and no two label sets share a child.
+    #[test]
+    fn requests_are_counted_under_their_labels() {
+        let m = Metrics::new(0);
+        let brew = Method::from_bytes(b"BREW").unwrap();
+        let cases: [(Operation, &Method, Option<u16>, [&str; 4]); 6] = [
+            (Operation::ManifestGet, &Method::GET, Some(200), ["v2", "manifest_get", "GET", "200"]),
+            (Operation::ManifestGet, &Method::GET, Some(404), ["v2", "manifest_get", "GET", "404"]),
+            (Operation::ManifestGet, &Method::HEAD, Some(200), ["v2", "manifest_get", "HEAD", "200"]),
+            (Operation::UploadChunk, &Method::PATCH, None, ["v2", "upload_chunk", "PATCH", "0"]),
+            (Operation::Other, &brew, Some(418), ["other", "other", "other", "418"]),
+            (Operation::V1LayerGet, &Method::GET, Some(599), ["v1", "v1_layer_get", "GET", "599"]),
+        ];
+        for (times, (op, method, status, _)) in (1..).zip(&cases) {
+            for _ in 0..times {
+                m.observe_request(*op, method, *status, 0.5);
+            }
+        }
+        for (times, (_, _, _, labels)) in (1..).zip(&cases) {
+            assert_eq!(m.requests_total.with_label_values(labels).get(), times, "{labels:?}");
+            let duration = m.request_duration.with_label_values(labels);
+            assert_eq!(duration.get_sample_count(), times, "{labels:?}");
+            assert_eq!(duration.get_sample_sum(), 0.5 * times as f64, "{labels:?}");
+        }
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert_eq!(text.lines().filter(|l| l.starts_with("regscope_requests_total{")).count(), cases.len());
     }
 
     #[test]
