@@ -196,12 +196,16 @@ impl Proxy {
         req: Request<UploadBody>,
         exchange: &Exchange,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let (client, stream) = self.upstreams.pick(!http_body::Body::is_end_stream(req.body()));
+        let sends_body = !http_body::Body::is_end_stream(req.body());
+        let (client, stream) = self.upstreams.pick(sends_body);
         exchange.hold(stream);
+        // A request without a body is forwarded whole once sent: its timeout starts now, without
+        // waiting to hear that its (empty) body ended.
+        let sent = (!sends_body).then(|| Instant::now() + self.response_timeout);
         let response = client.request(req);
         tokio::pin!(response);
         loop {
-            let deadline = exchange.upload_ended().map(|t| t + self.response_timeout);
+            let deadline = sent.or_else(|| exchange.upload_ended().map(|t| t + self.response_timeout));
             tokio::select! {
                 result = &mut response => {
                     return result.map_err(|e| match exchange.upload_end() {
