@@ -127,13 +127,12 @@ impl Proxy {
         exchange: &Arc<Exchange>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        let client_host: Option<String> = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
-        let view = ClientView { ip: &conn.forwarded_for, scheme: conn.scheme(), host: client_host.as_deref() };
+        // Clones share the request's bytes (no copy): the headers and target are rewritten below.
+        let host_header = parts.headers.get(header::HOST).cloned();
+        let authority = parts.uri.authority().cloned();
+        let client_host =
+            host_header.as_ref().and_then(|h| h.to_str().ok()).or_else(|| authority.as_ref().map(|a| a.as_str()));
+        let view = ClientView { ip: &conn.forwarded_for, scheme: conn.scheme(), host: client_host };
         headers::forward_request_headers(&mut parts.headers, &view, self.host_mode, &self.upstream.host_header);
         parts.uri = self
             .upstream
@@ -172,7 +171,7 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         let upstream_origin =
             Origin { scheme: self.upstream.scheme.as_str(), authority: self.upstream.authority.as_str() };
-        let client_origin = client_host.as_deref().map(|authority| Origin { scheme: conn.scheme(), authority });
+        let client_origin = client_host.map(|authority| Origin { scheme: conn.scheme(), authority });
         let info = response_info(&parts.headers);
         let declared = info.content_length;
         headers::forward_response_headers(&mut parts.headers, &upstream_origin, client_origin.as_ref());
