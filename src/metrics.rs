@@ -67,7 +67,7 @@ pub const THROUGHPUT_BUCKETS: &[f64] = &[
 /// more about latency than about bandwidth.
 pub const THROUGHPUT_MIN_BYTES: u64 = 1 << 20;
 
-/// The method label's values: a closed set, anything else is `other`.
+/// The method label's values: a closed set, anything else is `other` ([`method_index`]).
 const METHODS: [&str; 8] = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS", "other"];
 
 fn method_index(method: &Method) -> usize {
@@ -83,14 +83,9 @@ fn method_index(method: &Method) -> usize {
     }
 }
 
-/// The method label: a closed set, anything else is `other`.
-pub fn method_label(method: &Method) -> &'static str {
-    METHODS[method_index(method)]
-}
-
 /// The `code` label: the status as text, from a table built once (no formatting per request).
 /// No status (the client left before one was sent) is `0`.
-pub fn status_label(status: Option<u16>) -> &'static str {
+fn status_label(status: Option<u16>) -> &'static str {
     static CODES: OnceLock<Vec<String>> = OnceLock::new();
     let codes = CODES.get_or_init(|| (100..600).map(|c: u16| c.to_string()).collect());
     match status {
@@ -257,39 +252,44 @@ fn stall_index(op: Operation, dir: Direction, side: Side) -> usize {
     body_index(op, dir) * 2 + side as usize
 }
 
-/// `regscope_requests_total` and `regscope_request_duration_seconds` children, by operation and
-/// method (a row, made on first use: most pairs never happen), then by a status of
-/// [`STATUSES`].
-struct Requests {
-    total: IntCounterVec,
-    duration: HistogramVec,
-    rows: Box<[OnceLock<StatusRow>]>,
+/// `regscope_requests_total` and `regscope_request_duration_seconds`, resolved together: every
+/// request observes both.
+type RequestFamilies = (IntCounterVec, HistogramVec);
+
+impl Family for RequestFamilies {
+    type Child = (IntCounter, Histogram);
+    fn child(&self, labels: &[&str]) -> Self::Child {
+        (self.0.with_label_values(labels), self.1.with_label_values(labels))
+    }
 }
 
-/// One operation and method's children, by status.
-type StatusRow = Box<[OnceLock<(IntCounter, Histogram)>]>;
+/// The request families' children: a row per operation and method, made on first use (most
+/// pairs never happen), indexed by a status of [`STATUSES`].
+struct Requests {
+    families: RequestFamilies,
+    rows: Box<[OnceLock<Children<RequestFamilies>>]>,
+}
 
 impl Requests {
     fn new(m: &Metrics) -> Self {
         let rows = (0..Operation::ALL.len() * METHODS.len()).map(|_| OnceLock::new()).collect();
-        Requests { total: m.requests_total.clone(), duration: m.request_duration.clone(), rows }
+        Requests { families: (m.requests_total.clone(), m.request_duration.clone()), rows }
     }
 
     fn observe(&self, op: Operation, method: &Method, status: Option<u16>, seconds: f64) {
         let method = method_index(method);
         let labels = [op.api().as_str(), op.as_str(), METHODS[method], status_label(status)];
-        let child = || (self.total.with_label_values(&labels), self.duration.with_label_values(&labels));
-        let Some(slot) = STATUSES.iter().position(|s| *s == status) else {
-            let (total, duration) = child();
+        let observe = |(total, duration): &(IntCounter, Histogram)| {
             total.inc();
             duration.observe(seconds);
-            return;
         };
-        let row = self.rows[op as usize * METHODS.len() + method]
-            .get_or_init(|| STATUSES.iter().map(|_| OnceLock::new()).collect());
-        let (total, duration) = row[slot].get_or_init(child);
-        total.inc();
-        duration.observe(seconds);
+        match STATUSES.iter().position(|s| *s == status) {
+            Some(slot) => {
+                let row = &self.rows[op as usize * METHODS.len() + method];
+                observe(row.get_or_init(|| Children::new(&self.families, STATUSES.len())).get(slot, &labels));
+            }
+            None => observe(&self.families.child(&labels)),
+        }
     }
 }
 
@@ -669,8 +669,8 @@ mod tests {
 
     #[test]
     fn method_label_is_closed() {
-        assert_eq!(method_label(&Method::PATCH), "PATCH");
-        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+        assert_eq!(METHODS[method_index(&Method::PATCH)], "PATCH");
+        assert_eq!(METHODS[method_index(&Method::from_bytes(b"BREW").unwrap())], "other");
     }
 
     #[test]
