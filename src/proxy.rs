@@ -200,11 +200,11 @@ impl Proxy {
         exchange.hold(stream);
         // A request without a body is forwarded whole once sent: its timeout starts now, without
         // waiting to hear that its (empty) body ended.
-        let sent = (!sends_body).then(|| Instant::now() + self.response_timeout);
+        let fixed_deadline = (!sends_body).then(|| Instant::now() + self.response_timeout);
         let response = client.request(req);
         tokio::pin!(response);
         loop {
-            let deadline = sent.or_else(|| exchange.upload_ended().map(|t| t + self.response_timeout));
+            let deadline = fixed_deadline.or_else(|| exchange.upload_ended().map(|t| t + self.response_timeout));
             tokio::select! {
                 result = &mut response => {
                     return result.map_err(|e| match exchange.upload_end() {
