@@ -198,8 +198,9 @@ impl Proxy {
         let sends_body = !http_body::Body::is_end_stream(req.body());
         let (client, stream) = self.upstreams.pick(sends_body);
         exchange.hold(stream);
-        // A request without a body is forwarded whole once sent: its timeout starts now, without
-        // waiting to hear that its (empty) body ended.
+        // A request without a body has nothing left to forward once handed to the upstream
+        // client, so its timeout starts now (opening an upstream connection, at most the connect
+        // timeout, counts in it) instead of when its empty body is heard to end.
         let fixed_deadline = (!sends_body).then(|| Instant::now() + self.response_timeout);
         let response = client.request(req);
         tokio::pin!(response);
