@@ -150,21 +150,16 @@ impl Proxy {
         if exchange.info().operation == Operation::ManifestPut {
             body = body.capture(manifest::CAPTURE_LIMIT, declared);
         }
+        let sends_body = !http_body::Body::is_end_stream(&body);
         // Held until the response head: the upstream connection is busy until then.
         let ticket = match &self.admission {
-            Some(slots)
-                if admission::needs_slot(
-                    exchange.info().operation,
-                    http_body::Body::is_end_stream(&body),
-                    declared,
-                ) =>
-            {
+            Some(slots) if admission::needs_slot(exchange.info().operation, !sends_body, declared) => {
                 Some(slots.admit(&exchange.upload_progress).await)
             }
             _ => None,
         };
         exchange.mark_forwarded();
-        let response = self.await_response(Request::from_parts(parts, Box::new(body)), exchange).await;
+        let response = self.await_response(Request::from_parts(parts, Box::new(body)), sends_body, exchange).await;
         drop(ticket);
         let response = response?;
 
@@ -190,12 +185,13 @@ impl Proxy {
 
     /// Sends the request and waits for the response head. The response timeout only starts
     /// once the request body has been fully forwarded: a 10 GiB upload is not a slow registry.
+    /// `sends_body`: the request has a body to forward (as `forward` found it, once).
     async fn await_response(
         &self,
         req: Request<UploadBody>,
+        sends_body: bool,
         exchange: &Exchange,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let sends_body = !http_body::Body::is_end_stream(req.body());
         let (client, stream) = self.upstreams.pick(sends_body);
         exchange.hold(stream);
         // A request without a body has nothing left to forward once handed to the upstream
