@@ -190,6 +190,8 @@ fn connections_beyond_max_connections_get_a_registry_style_503() {
     drop(held.pop());
     assert!(eventually(Duration::from_secs(5), || client_connections(&regscope) == 4.0));
     assert_eq!(ping(proxy), 200, "a slot freed by a closed connection serves a new one");
+    // The registry logs a request after its response is out: wait for the ping's line.
+    eventually(Duration::from_secs(5), || registry.served_requests().len() >= 7);
     assert_eq!(
         registry.served_requests().len(),
         7,
