@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::{docker, eventually, Registry, Regscope, TestImage};
+use support::{docker, eventually, LoggedRequest, Registry, Regscope, TestImage};
 
 #[test]
 fn docker_push_then_pull_through_regscope_gives_back_the_same_image() {
@@ -29,10 +29,9 @@ fn docker_push_then_pull_through_regscope_gives_back_the_same_image() {
     assert_eq!(docker.image_id(&reference), image.image_id, "pulled image differs from the pushed one");
 
     // The pull fetched the config and every layer from the registry, and through regscope.
-    // The registry logs a request after its response is out: wait for the last blob GET's line.
-    let served_gets = || blob_gets(registry.served_requests().into_iter().map(|r| (r.method, r.path, r.status)));
-    eventually(Duration::from_secs(5), || served_gets().len() > image.layers.len());
-    let at_registry = served_gets();
+    let gets =
+        |served: &[LoggedRequest]| blob_gets(served.iter().map(|r| (r.method.clone(), r.path.clone(), r.status)));
+    let at_registry = gets(&registry.served_requests_once(|served| gets(served).len() > image.layers.len()));
     assert_eq!(at_registry.len(), image.layers.len() + 1, "blob GETs the registry served: {at_registry:?}");
     let proxied = || blob_gets(regscope.request_log().into_iter().map(|r| (r.method, r.path, r.status)));
     assert!(

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use support::hostile::raw_exchange;
 use support::{
-    check, docker, eventually, http_get, output, skopeo, Registry, RegistryOptions, Regscope, TempDir, TestImage,
+    check, docker, http_get, output, skopeo, LoggedRequest, Registry, RegistryOptions, Regscope, TempDir, TestImage,
 };
 
 const USER: &str = "regscope-user";
@@ -149,14 +149,11 @@ fn credentials_and_upload_tokens_never_appear_in_anything_regscope_writes_or_ser
     );
     assert_eq!(other.status, Some(401), "{}", other.text());
 
-    // Both pushes reached the registry through regscope, with the credential. The registry logs
-    // a request after its response is out: wait for the second manifest PUT's line.
-    let manifest_puts = || -> Vec<_> {
-        registry.served_requests().into_iter().filter(|r| r.method == "PUT" && r.path.contains("/manifests/")).collect()
-    };
-    eventually(Duration::from_secs(5), || manifest_puts().len() >= 2);
-    let manifests = manifest_puts();
-    assert_eq!(manifests.len(), 2, "two manifest PUTs: {:?}", registry.served_requests());
+    // Both pushes reached the registry through regscope, with the credential.
+    let manifest_put = |r: &&LoggedRequest| r.method == "PUT" && r.path.contains("/manifests/");
+    let served = registry.served_requests_once(|served| served.iter().filter(manifest_put).count() >= 2);
+    let manifests: Vec<_> = served.iter().filter(manifest_put).collect();
+    assert_eq!(manifests.len(), 2, "two manifest PUTs: {served:?}");
     assert!(manifests.iter().all(|r| r.status == 201), "{manifests:?}");
     let tokens = state_tokens(&registry.log_text());
     assert!(tokens.len() >= 4, "the registry handed out upload _state tokens; found {tokens:?}");

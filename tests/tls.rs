@@ -6,7 +6,6 @@ mod support;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -14,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, ServerName};
 use support::client::{digest_of, start_upload, target_at, tls_connect, with_digest, Conn};
-use support::{eventually, metric_sum, Registry, RegistryOptions, Regscope, TempDir};
+use support::{metric_sum, Registry, RegistryOptions, Regscope, TempDir};
 
 /// A private CA and one server certificate it signed, for `localhost` and `127.0.0.1`, as PEM files.
 struct Pki {
@@ -134,10 +133,8 @@ fn clients_reach_regscope_over_tls_with_http1_and_h2() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(h2_exchange(regscope.proxy_addr(), pki.roots()));
 
-    // Both went through the registry: 1 ping + 4 blob requests per protocol. The registry logs a
-    // request after its response is out: wait for the last line.
-    eventually(Duration::from_secs(5), || registry.served_requests().len() >= 10);
-    let served = registry.served_requests();
+    // Both went through the registry: 1 ping + 4 blob requests per protocol.
+    let served = registry.served_requests_once(|served| served.len() >= 10);
     assert!(served.len() >= 10, "the registry served only {served:#?}");
 }
 
@@ -223,9 +220,7 @@ fn blob_round_trip_via_https_registry(host_header: &str) {
     assert_eq!(ping.status(), 200, "GET /v2/ via an https upstream: {:?} {}", ping.head, ping.text());
     let repo = format!("regscope-test/https-upstream-{host_header}");
     upload_and_download(&mut conn, &host, &format!("http://{host}"), &repo, &small_blob(3, 1 << 20));
-    // The registry logs a request after its response is out: wait for the GET's line.
-    eventually(Duration::from_secs(5), || registry.served_requests().len() >= 5);
-    let served = registry.served_requests();
+    let served = registry.served_requests_once(|served| served.len() >= 5);
     assert_eq!(served.len(), 5, "ping, POST, PATCH, PUT, GET: {served:#?}");
 }
 

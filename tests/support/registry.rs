@@ -108,9 +108,25 @@ impl Registry {
     ///
     /// distribution 2.8.2 writes one Apache combined-format line per response, after the handler
     /// returns, e.g. `127.0.0.1 - - [27/Nov/2026:20:49:37 +0000] "PATCH /v2/t/blobs/uploads/<uuid>?_state=… HTTP/1.1" 202 0 "" "docker/20.10.24 …"`.
-    /// A client can see its response before that line is written: poll with `eventually`.
+    /// A client can see its response before that line is written: see [`served_requests_once`].
+    ///
+    /// [`served_requests_once`]: Registry::served_requests_once
     pub fn served_requests(&self) -> Vec<LoggedRequest> {
         self.log_text().lines().filter_map(parse_access_line).collect()
+    }
+
+    /// The requests served, once `ready` holds of them: a client has its response before the
+    /// registry logs the request, so a test that counts what the registry served waits for the
+    /// lines it expects. After 5 s, the requests as they are then, for the caller's assertion to
+    /// show.
+    pub fn served_requests_once(&self, ready: impl Fn(&[LoggedRequest]) -> bool) -> Vec<LoggedRequest> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut served = self.served_requests();
+        while !ready(&served) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+            served = self.served_requests();
+        }
+        served
     }
 }
 
