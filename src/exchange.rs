@@ -34,7 +34,8 @@ pub struct ExchangeRecord {
     pub api: Api,
     pub operation: Operation,
     pub method: Method,
-    pub repository: Option<Box<str>>,
+    /// Shared with the transfer tracker's session key, which would otherwise copy it.
+    pub repository: Option<Arc<str>>,
     pub reference: Option<Box<str>>,
     pub digest: Option<Box<str>>,
     pub upload_id: Option<Box<str>>,
@@ -103,8 +104,8 @@ pub struct Recorders {
 pub struct Exchange {
     record: ExchangeRecord,
     recorders: Arc<Recorders>,
-    /// The path with secrets redacted, for the log event.
-    log_path: Box<str>,
+    /// The path with secrets redacted, for the log event; `None` while that event is off.
+    log_path: Option<Box<str>>,
     forwarded: OnceLock<Instant>,
     response_head: OnceLock<Instant>,
     status: AtomicU16,
@@ -148,7 +149,7 @@ impl Exchange {
         route: &Route<'_>,
         method: &Method,
         client: SocketAddr,
-        log_path: Box<str>,
+        log_path: Option<Box<str>>,
         recorders: Arc<Recorders>,
     ) -> Arc<Exchange> {
         let api = route.api();
@@ -160,7 +161,7 @@ impl Exchange {
                 api,
                 operation: route.operation,
                 method: method.clone(),
-                repository: owned(route.repository),
+                repository: route.repository.map(Arc::from),
                 reference: owned(route.reference),
                 digest: route.digest.map(|d| Box::from(crate::route::percent_decode(d).as_ref())),
                 upload_id: owned(route.upload_id),
@@ -316,7 +317,9 @@ impl Drop for Exchange {
             .unwrap_or_else(Instant::now);
 
         // Log first: whoever sees the metrics move can then find the event.
-        log(&record, &self.log_path);
+        if let Some(path) = &self.log_path {
+            log(&record, path);
+        }
         self.recorders.metrics.in_flight_of(record.operation).dec();
         observe(&self.recorders.metrics, &record);
         self.recorders.sink.finished(record);
@@ -372,6 +375,11 @@ fn observe(m: &Metrics, r: &ExchangeRecord) {
             }
         }
     }
+}
+
+/// Whether the per-request log event is on: the redacted path it carries is made only then.
+pub fn request_log_enabled() -> bool {
+    tracing::enabled!(target: "regscope::request", tracing::Level::DEBUG)
 }
 
 fn log(r: &ExchangeRecord, path: &str) {

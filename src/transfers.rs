@@ -198,7 +198,7 @@ impl Default for TrackerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
     client: IpAddr,
-    repository: Box<str>,
+    repository: Arc<str>,
     direction: TransferDirection,
 }
 
@@ -251,7 +251,7 @@ impl Session {
 struct State {
     open: HashMap<Key, Session>,
     /// The v1 repository (and direction) each client is working on.
-    v1_current: HashMap<IpAddr, (Box<str>, TransferDirection)>,
+    v1_current: HashMap<IpAddr, (Arc<str>, TransferDirection)>,
     /// The session key of each in-flight exchange, decided when it started.
     in_flight_keys: HashMap<u64, Key>,
     finished: VecDeque<Arc<Transfer>>,
@@ -396,13 +396,13 @@ impl Tracker {
         let client = r.client.ip();
         let op = r.operation;
         // v1 names `library/x` and `x` the same repository (the seed's pull uses both).
-        let repository = r.repository.as_deref().map(|name| match r.api {
-            Api::V1 => Box::from(name.strip_prefix("library/").unwrap_or(name)),
-            _ => Box::from(name),
+        let repository = r.repository.as_ref().map(|name| match name.strip_prefix("library/") {
+            Some(short) if r.api == Api::V1 => Arc::from(short),
+            _ => name.clone(),
         });
         if matches!(op, Operation::V1RepositoryPut | Operation::V1RepositoryImagesGet) {
             let direction = direction_of(op)?;
-            let repo: Box<str> = repository.clone()?;
+            let repo = repository.clone()?;
             if state.v1_current.len() >= 4096 {
                 state.v1_current.clear();
             }
