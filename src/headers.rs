@@ -120,10 +120,13 @@ pub fn forward_request_headers(
     strip_hop_by_hop(headers);
     append_forwarded_for(headers, client.ip);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme));
-    let client_host = client.host.and_then(|h| HeaderValue::from_str(h).ok());
+    // The client's own `Host` when that is where `host` came from (HTTP/1): shared, not copied,
+    // and already in place for `Preserve`.
+    let own_host = |h: &str| headers.get(header::HOST).filter(|v| v.as_bytes() == h.as_bytes()).cloned();
+    let client_host = client.host.and_then(|h| own_host(h).or_else(|| HeaderValue::from_str(h).ok()));
     match mode {
         HostMode::Preserve => {
-            if let Some(host) = &client_host {
+            if let Some(host) = client_host.as_ref().filter(|host| headers.get(header::HOST) != Some(*host)) {
                 headers.insert(header::HOST, host.clone());
             }
         }

@@ -586,6 +586,14 @@ fn expect(s: &mut Session, blobs: &[BlobRef]) {
 /// what would matter for memory.
 const MAX_EXPECTED: usize = 4096;
 
+/// Names the session's tag, copying it only when it changes: a client polling a tag fetches the
+/// same one again and again.
+fn set_tag(s: &mut Session, tag: &str) {
+    if s.tag.as_deref() != Some(tag) {
+        s.tag = Some(tag.to_owned());
+    }
+}
+
 /// Applies one finished request to its session: what it tells about the transfer's end.
 fn update(s: &mut Session, r: &ExchangeRecord, manifest: Option<Arc<ManifestRefs>>, ancestry: Option<Vec<String>>) {
     use Operation::*;
@@ -598,7 +606,7 @@ fn update(s: &mut Session, r: &ExchangeRecord, manifest: Option<Arc<ManifestRefs
             }
             if ok {
                 if let Some(tag) = by_tag {
-                    s.tag = Some(tag.to_owned());
+                    set_tag(s, tag);
                     s.outcome = Some(Outcome::Complete);
                 }
             } else {
@@ -609,7 +617,7 @@ fn update(s: &mut Session, r: &ExchangeRecord, manifest: Option<Arc<ManifestRefs
         V1RepositoryImagesPut => s.outcome = Some(if ok { Outcome::Complete } else { Outcome::Failed }),
         ManifestGet | ManifestHead => {
             if let Some(tag) = by_tag {
-                s.tag = Some(tag.to_owned());
+                set_tag(s, tag);
             }
             if let Some(refs) = manifest {
                 if !refs.blobs.is_empty() {
