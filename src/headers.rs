@@ -369,20 +369,29 @@ mod tests {
             host: Some("proxy:5001"),
         };
         let base = [("x-forwarded-for", "192.0.2.1"), ("forwarded", "host=evil"), ("x-forwarded-host", "evil")];
+        // The client's host as its own Host header (HTTP/1), as another one (an h2 :authority
+        // beside a stray Host), or with no Host at all (h2).
+        for host in [Some("proxy:5001"), Some("other:1"), None] {
+            let with_host = |mut h: HeaderMap| {
+                if let Some(host) = host {
+                    h.insert(header::HOST, HeaderValue::from_static(host));
+                }
+                h
+            };
+            let mut h = with_host(map(&base));
+            forward_request_headers(&mut h, &client, HostMode::Preserve, &upstream);
+            assert_eq!(h.get_all("host").iter().collect::<Vec<_>>(), ["proxy:5001"], "{host:?}");
+            assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.1.2.3");
+            assert_eq!(h["x-forwarded-proto"], "https");
+            assert_eq!(h["x-forwarded-host"], "proxy:5001");
+            assert!(h.get("forwarded").is_none());
 
-        let mut h = map(&base);
-        forward_request_headers(&mut h, &client, HostMode::Preserve, &upstream);
-        assert_eq!(h["host"], "proxy:5001");
-        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.1.2.3");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "proxy:5001");
-        assert!(h.get("forwarded").is_none());
-
-        let mut h = map(&base);
-        forward_request_headers(&mut h, &client, HostMode::Upstream, &upstream);
-        assert_eq!(h["host"], "registry.internal:5000");
-        assert_eq!(h["x-forwarded-host"], "proxy:5001");
-        assert!(h.get("forwarded").is_none());
+            let mut h = with_host(map(&base));
+            forward_request_headers(&mut h, &client, HostMode::Upstream, &upstream);
+            assert_eq!(h.get_all("host").iter().collect::<Vec<_>>(), ["registry.internal:5000"], "{host:?}");
+            assert_eq!(h["x-forwarded-host"], "proxy:5001");
+            assert!(h.get("forwarded").is_none());
+        }
     }
 
     #[test]
