@@ -149,7 +149,7 @@ impl Exchange {
         route: &Route<'_>,
         method: &Method,
         client: SocketAddr,
-        log_path: Option<Box<str>>,
+        path_and_query: &str,
         recorders: Arc<Recorders>,
     ) -> Arc<Exchange> {
         let api = route.api();
@@ -179,7 +179,9 @@ impl Exchange {
                 captured: None,
             },
             recorders,
-            log_path,
+            // Only the log event carries the path: redacted (a copy) only while that event is on.
+            log_path: tracing::enabled!(target: REQUEST_LOG, tracing::Level::DEBUG)
+                .then(|| crate::headers::redact_path(path_and_query).into()),
             forwarded: OnceLock::new(),
             response_head: OnceLock::new(),
             status: AtomicU16::new(0),
@@ -377,10 +379,8 @@ fn observe(m: &Metrics, r: &ExchangeRecord) {
     }
 }
 
-/// Whether the per-request log event is on: the redacted path it carries is made only then.
-pub fn request_log_enabled() -> bool {
-    tracing::enabled!(target: "regscope::request", tracing::Level::DEBUG)
-}
+/// The per-request log event's target (debug): `RUST_LOG=info,regscope::request=debug`.
+const REQUEST_LOG: &str = "regscope::request";
 
 fn log(r: &ExchangeRecord, path: &str) {
     let bytes = |b: &Option<BodyOutcome>| b.as_ref().map_or(0, |b| b.bytes);
@@ -389,7 +389,7 @@ fn log(r: &ExchangeRecord, path: &str) {
     // Debug: an access log line costs a fifth of a small request's CPU. Pushes and pulls log
     // at info; `RUST_LOG=info,regscope::request=debug` adds every request.
     tracing::debug!(
-        target: "regscope::request",
+        target: REQUEST_LOG,
         id = r.id,
         method = %r.method,
         path,

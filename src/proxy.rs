@@ -94,8 +94,7 @@ impl Proxy {
         } else {
             classify(req.method(), req.uri().path(), req.uri().query())
         };
-        let log_path = crate::exchange::request_log_enabled().then(|| headers::redact_path(path_and_query).into());
-        let exchange = Exchange::start(&route, req.method(), conn.peer, log_path, self.recorders.clone());
+        let exchange = Exchange::start(&route, req.method(), conn.peer, path_and_query, self.recorders.clone());
 
         if let Some(refusal) = refusal {
             exchange.set_status(refusal.status().as_u16());
