@@ -120,13 +120,15 @@ pub fn forward_request_headers(
     strip_hop_by_hop(headers);
     append_forwarded_for(headers, client.ip);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme));
-    // The client's own `Host` when that is where `host` came from (HTTP/1): shared, not copied,
-    // and already in place for `Preserve`.
-    let own_host = |h: &str| headers.get(header::HOST).filter(|v| v.as_bytes() == h.as_bytes()).cloned();
-    let client_host = client.host.and_then(|h| own_host(h).or_else(|| HeaderValue::from_str(h).ok()));
+    // Over HTTP/1 `host` is the client's own `Host`: shared, not copied, and already in place for
+    // `Preserve`. An h2 `:authority` is made into a header value.
+    let (client_host, in_place) = match (client.host, headers.get(header::HOST)) {
+        (Some(h), Some(own)) if own.as_bytes() == h.as_bytes() => (Some(own.clone()), true),
+        (h, _) => (h.and_then(|h| HeaderValue::from_str(h).ok()), false),
+    };
     match mode {
         HostMode::Preserve => {
-            if let Some(host) = client_host.as_ref().filter(|host| headers.get(header::HOST) != Some(*host)) {
+            if let Some(host) = client_host.as_ref().filter(|_| !in_place) {
                 headers.insert(header::HOST, host.clone());
             }
         }
