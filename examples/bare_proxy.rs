@@ -1,5 +1,5 @@
 //! A bare HTTP/1 reverse proxy with no instrumentation: the reference point for what regscope's
-//! recording and structure cost per request (README, "What sets these figures").
+//! recording and structure cost per request (docs/performance.md, "What sets these figures").
 //!
 //! - `pooled`: hyper's server and hyper-util's pooled client, as regscope forwards.
 //! - `paired`: each client connection gets one upstream connection of its own, driven in the

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::headers::HostMode;
+use crate::wire::headers::HostMode;
 
 #[derive(Debug, Parser)]
 #[command(name = "regscope", version, about = "A transparent instrumenting reverse proxy for container registries.")]
@@ -106,8 +106,8 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_UPLOAD_SLOTS", default_value_t = 64)]
     pub upload_slots: usize,
 
-    /// Threads serving connections; default one per CPU. 1 runs everything on one thread: 5–30 %
-    /// less CPU per small request (no wake-ups between threads), but one core at most.
+    /// Threads serving connections; default one per CPU. 1 runs everything on one thread: less
+    /// CPU per small request (no wake-ups between threads), but one core at most.
     #[arg(long, env = "REGSCOPE_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
 

@@ -1,63 +1,56 @@
 //! regscope: a transparent instrumenting reverse proxy for container registries.
 //!
 //! It forwards registry traffic byte for byte and measures where the time of every push and
-//! pull goes. The layout follows the domain:
+//! pull goes. The folders are the layers, outermost first; arrows point inward and down:
 //!
-//! - [`route`]: which registry operation a request is (pure).
-//! - [`headers`]: hop-by-hop stripping, forwarding headers, `Location` rewriting, redaction.
-//! - [`timed_body`]: the body wrapper that splits a stream's time between client and registry.
-//! - [`exchange`]: one request's timeline and what it records when it is over.
-//! - [`proxy`]: one exchange end to end; [`upstream`]: the pooled client; [`tls`]: rustls.
-//! - [`server`]: listeners, accept loops, graceful shutdown; [`admin`]: the admin port.
-//! - [`buffers`]: how much a connection reads at once, by load (memory stays bounded);
-//!   [`admission`]: how many uploads stream through at once; [`trim`]: freed heap given back
-//!   to the system once a burst of transfers is over.
-//! - [`phases`]: upload phases, v1 and v2 in one vocabulary; [`manifest`]: what a pull fetches.
-//! - [`timeline`]: a transfer's requests on one time axis, and who each instant belongs to.
-//! - [`transfers`]: grouping requests into pushes and pulls; [`report`]: the table people read.
-//! - [`waterfall`] and [`ui`]: each transfer as a waterfall, and the admin port's pages.
-//! - [`metrics`]: every Prometheus family (the contract); [`config`]: flags and env twins.
-// One audited exception: `trim` calls glibc's `malloc_trim`.
+//! - `wire`: listeners and TLS, one exchange forwarded end to end, the upstream pool, headers.
+//! - `limits`: read sizes by load, upload admission, memory given back after a burst.
+//! - `body`: the timed body and the exchange that records one request exactly once.
+//! - `recording`: pushes and pulls, upload phases, and who each instant of a transfer belongs to.
+//! - `protocol`: route classification, manifests and the shared vocabulary (pure).
+//! - `metrics`: every Prometheus family: the contract.
+//! - `presentation`: the admin port, the report, the waterfall and the pages.
+//!
+//! The crate's public face is [`serve`], [`config`], the transfer model the API serves, the
+//! report and waterfall renderers, and the pure functions the fuzzer drives.
+// One audited exception: `limits::trim` calls glibc's `malloc_trim`.
 #![deny(unsafe_code)]
+#![warn(unreachable_pub)]
 
-pub mod admin;
-pub mod admission;
-pub mod buffers;
+mod body;
 pub mod config;
-pub mod error;
-pub mod exchange;
-pub mod headers;
-pub mod manifest;
-pub mod metrics;
-pub mod phases;
-pub mod proxy;
-pub mod report;
-pub mod route;
-pub mod server;
-pub mod socket;
-pub mod timed_body;
-pub mod timeline;
-pub mod tls;
-pub mod transfers;
-pub mod trim;
-pub mod ui;
-pub mod upstream;
-pub mod waterfall;
+mod limits;
+mod metrics;
+mod presentation;
+mod protocol;
+mod recording;
+mod wire;
+
+pub use body::LiveExchange;
+pub use presentation::{report, ui, waterfall};
+pub use protocol::{
+    classify, is_repository_name, percent_decode, Api, BlobKind, BodyEnd, Direction, Operation, Route, Side,
+};
+pub use protocol::{Outcome, Party, Phase, TransferDirection, UpstreamErrorKind};
+pub use recording::{Blob, BlobOutcome, BodyView, LiveTransfer, RequestView, Split, Transfer, UploadPhases};
+pub use wire::error::SetupError;
+pub use wire::headers;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::admin::Admin;
+use crate::body::Recorders;
 use crate::config::ServeConfig;
-use crate::error::SetupError;
-use crate::exchange::Recorders;
+use crate::limits::{admission, trim};
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
-use crate::server::ProxyListener;
-use crate::transfers::{Tracker, TrackerConfig};
-use crate::upstream::UpstreamTarget;
+use crate::presentation::admin::Admin;
+use crate::recording::{Tracker, TrackerConfig};
+use crate::wire::proxy::Proxy;
+use crate::wire::server::{self, ProxyListener};
+use crate::wire::tls;
+use crate::wire::upstream::{self, UpstreamTarget};
 
 /// Binds the listeners, logs where they are, and serves until `shutdown` resolves.
 pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), SetupError> {
@@ -76,7 +69,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         },
         metrics.clone(),
     ));
-    transfers::spawn_sweeper(&tracker);
+    recording::spawn_sweeper(&tracker);
     trim::spawn();
     let recorders = Arc::new(Recorders { metrics: metrics.clone(), sink: tracker.clone() });
     let proxy = Arc::new(Proxy {

@@ -9,8 +9,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use regscope::route::{Api, Operation};
-use regscope::timed_body::{Direction, Side};
+use regscope::{Api, Operation};
+use regscope::{Direction, Side};
 use support::hostile::{label_values, ping, raw_exchange};
 use support::{eventually, Registry, Regscope};
 

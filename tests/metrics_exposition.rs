@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use regscope::route::{Api, Operation};
-use regscope::timed_body::{Direction, Side};
+use regscope::{Api, Operation};
+use regscope::{Direction, Side};
 use support::client::{digest_of, start_upload, target_at, with_digest, Conn, Pattern};
 use support::{eventually, http_get, metric_sum, Registry, Regscope};
 

@@ -7,8 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use regscope::route::Api;
-use regscope::transfers::{BlobOutcome, Outcome, TransferDirection};
+use regscope::Api;
+use regscope::{BlobOutcome, Outcome, TransferDirection};
 use support::replay::{
     assert_blobs_match, assert_shares_add_up, assert_table_lists, manifest_blobs, pretty, registry_manifest,
     report_table, report_text, verdict_percentages, wait_for_transfer,

@@ -7,7 +7,7 @@ mod support;
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use regscope::transfers::{BlobOutcome, Outcome, TransferDirection};
+use regscope::{BlobOutcome, Outcome, TransferDirection};
 use support::client::{digest_of, start_upload, target_at, with_digest, Conn, Pattern};
 use support::replay::{assert_shares_add_up, pretty, report_table, report_text, wait_for_transfer};
 use support::{docker, http_get, Registry, Regscope};
@@ -98,7 +98,7 @@ fn a_client_that_vanishes_mid_patch_fails_the_push_and_commits_nothing() {
     assert_eq!(push.blobs.len(), 1, "{}", pretty(&push));
     assert_eq!(push.blobs[0].outcome, BlobOutcome::Failed, "{}", pretty(&push));
     let patch = push.requests.iter().find(|r| r.method == "PATCH").expect("the PATCH is in the transfer");
-    assert_eq!(patch.aborted_by, Some(regscope::timed_body::Side::Client), "{}", pretty(&push));
+    assert_eq!(patch.aborted_by, Some(regscope::Side::Client), "{}", pretty(&push));
     assert!(patch.bytes_in() <= (blob.len() / 2) as u64, "{}", pretty(&push));
     assert_shares_add_up(&push);
 

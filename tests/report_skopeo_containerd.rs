@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use regscope::transfers::{BlobOutcome, Outcome, TransferDirection};
+use regscope::{BlobOutcome, Outcome, TransferDirection};
 use support::client::{digest_of, target_at, with_digest, Conn, Pattern};
 use support::replay::{
     assert_blobs_match, assert_shares_add_up, assert_table_lists, manifest_blobs, pretty, registry_manifest,

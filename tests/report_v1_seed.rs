@@ -24,8 +24,8 @@ mod support;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use regscope::route::Api;
-use regscope::transfers::{BlobOutcome, Outcome, Transfer, TransferDirection};
+use regscope::Api;
+use regscope::{BlobOutcome, Outcome, Transfer, TransferDirection};
 use sha2::{Digest, Sha256};
 use support::client::{hex, Conn, Pattern};
 use support::replay::{

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use regscope::transfers::{BlobOutcome, Outcome, Transfer, TransferDirection};
+use regscope::{BlobOutcome, Outcome, Transfer, TransferDirection};
 use support::browser::{artifact_path, by_id, chromium, elements, png_size, with_class, Browser, Element};
 use support::client::{start_upload, target_at, with_digest, Conn, Pattern};
 use support::replay::{manifest_blobs, pretty, registry_manifest, send_paced_chunked, wait_for_transfer};
@@ -330,7 +330,7 @@ fn assert_waterfall_matches(svg: &Element, t: &Transfer) {
     let svg_width = svg.num("width");
 
     let groups = with_class(&svg.inner, "g", "request");
-    let by_id: BTreeMap<u64, &regscope::timeline::RequestView> = t.requests.iter().map(|r| (r.id, r)).collect();
+    let by_id: BTreeMap<u64, &regscope::RequestView> = t.requests.iter().map(|r| (r.id, r)).collect();
     assert_eq!(groups.len(), t.requests.len(), "one g.request per request of the JSON\n{}", pretty(t));
     // Where the time axis starts, in pixels: the same for every row.
     let mut origin: Option<f64> = None;

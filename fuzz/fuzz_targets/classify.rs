@@ -15,7 +15,7 @@ use regscope::headers::{
     forward_request_headers, forward_response_headers, forwarded_for, redact_path, rewrite_location, strip_hop_by_hop, ClientView,
     HostMode, Origin, HOP_BY_HOP, SECRET_PARAMS,
 };
-use regscope::route::{classify, is_repository_name, percent_decode, Operation, Route};
+use regscope::{classify, is_repository_name, percent_decode, Operation, Route};
 
 fuzz_target!(|data: &[u8]| {
     let mut lines = data.split(|&b| b == b'\n');

@@ -8,19 +8,20 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::Method;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::buffers::Stream;
-use crate::metrics::{Metrics, UpstreamErrorKind, THROUGHPUT_MIN_BYTES};
-use crate::route::{Api, Operation, Route};
-use crate::timed_body::{BodyOutcome, BodyRecorder, Direction, Side};
+use super::outcome::{BodyOutcome, BodyRecorder};
+use crate::limits::buffers::Stream;
+use crate::metrics::{Metrics, THROUGHPUT_MIN_BYTES};
+use crate::protocol::{Api, Operation, Route};
+use crate::protocol::{Direction, Side, UpstreamErrorKind};
 
 /// Where finished exchanges go after metrics and logs (the transfer tracker).
-pub trait ExchangeSink: Send + Sync {
+pub(crate) trait ExchangeSink: Send + Sync {
     /// A request head has arrived and is about to be forwarded.
     fn started(&self, exchange: &Arc<Exchange>);
     /// The exchange is over; called exactly once, after metrics and the log event.
@@ -29,7 +30,7 @@ pub trait ExchangeSink: Send + Sync {
 
 /// What an exchange looked like, once it is over. Owned, so it can outlive the request.
 #[derive(Debug, Clone)]
-pub struct ExchangeRecord {
+pub(crate) struct ExchangeRecord {
     pub id: u64,
     pub api: Api,
     pub operation: Operation,
@@ -42,8 +43,6 @@ pub struct ExchangeRecord {
     pub client: SocketAddr,
     /// Response status; `None` if no response was ever produced.
     pub status: Option<u16>,
-    /// Wall-clock time the request head arrived, for display.
-    pub started_wall: SystemTime,
     /// Request head received.
     pub received: Instant,
     /// Request handed to the upstream client.
@@ -64,7 +63,7 @@ pub struct ExchangeRecord {
 
 /// The few response headers that tie requests into uploads and transfers.
 #[derive(Debug, Clone, Default)]
-pub struct ResponseInfo {
+pub(crate) struct ResponseInfo {
     pub upload_uuid: Option<Box<str>>,
     pub content_digest: Option<Box<str>>,
     pub content_length: Option<u64>,
@@ -72,12 +71,12 @@ pub struct ResponseInfo {
 
 impl ExchangeRecord {
     /// Request head in → response fully sent (or the exchange's end).
-    pub fn duration(&self) -> Duration {
+    pub(crate) fn duration(&self) -> Duration {
         self.ended.saturating_duration_since(self.received)
     }
 
     /// Request fully forwarded → response head: the registry's own processing time.
-    pub fn upstream_wait(&self) -> Option<Duration> {
+    pub(crate) fn upstream_wait(&self) -> Option<Duration> {
         let head = self.response_head?;
         let sent = match (self.forwarded, self.upload.as_ref().map(|u| u.ended)) {
             (Some(f), Some(u)) if u <= head => f.max(u),
@@ -88,20 +87,20 @@ impl ExchangeRecord {
     }
 
     /// The side that cut the exchange off, if any.
-    pub fn aborted_by(&self) -> Option<Side> {
+    pub(crate) fn aborted_by(&self) -> Option<Side> {
         let body = |b: &Option<BodyOutcome>| b.as_ref().and_then(|b| b.aborted_by());
         body(&self.upload).or(body(&self.download)).or(self.upstream_error.map(|_| Side::Registry))
     }
 }
 
 /// Shared context an exchange needs to record itself.
-pub struct Recorders {
+pub(crate) struct Recorders {
     pub metrics: Arc<Metrics>,
     pub sink: Arc<dyn ExchangeSink>,
 }
 
 /// A live exchange. See the module docs.
-pub struct Exchange {
+pub(crate) struct Exchange {
     record: ExchangeRecord,
     recorders: Arc<Recorders>,
     /// The path with secrets redacted, for the log event; `None` while that event is off.
@@ -145,7 +144,7 @@ pub struct LiveExchange {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Exchange {
-    pub fn start(
+    pub(crate) fn start(
         route: &Route<'_>,
         method: &Method,
         client: SocketAddr,
@@ -163,11 +162,10 @@ impl Exchange {
                 method: method.clone(),
                 repository: route.repository.map(Arc::from),
                 reference: owned(route.reference),
-                digest: route.digest.map(|d| Box::from(crate::route::percent_decode(d).as_ref())),
+                digest: route.digest.map(|d| Box::from(crate::protocol::percent_decode(d).as_ref())),
                 upload_id: owned(route.upload_id),
                 client,
                 status: None,
-                started_wall: SystemTime::now(),
                 received: Instant::now(),
                 forwarded: None,
                 response_head: None,
@@ -181,7 +179,7 @@ impl Exchange {
             recorders,
             // Only the log event carries the path: redacted (a copy) only while that event is on.
             log_path: tracing::enabled!(target: REQUEST_LOG, tracing::Level::DEBUG)
-                .then(|| crate::headers::redact_path(path_and_query).into()),
+                .then(|| crate::wire::headers::redact_path(path_and_query).into()),
             forwarded: OnceLock::new(),
             response_head: OnceLock::new(),
             status: AtomicU16::new(0),
@@ -200,26 +198,26 @@ impl Exchange {
         exchange
     }
 
-    pub fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         self.record.id
     }
 
     /// What was known when the request arrived: route, client, start time.
-    pub fn info(&self) -> &ExchangeRecord {
+    pub(crate) fn info(&self) -> &ExchangeRecord {
         &self.record
     }
 
-    pub fn set_upload_expected(&self, length: u64) {
+    pub(crate) fn set_upload_expected(&self, length: u64) {
         let _ = self.upload_expected.set(length);
     }
 
     /// Keeps the upstream stream (and its large-read slot) until the exchange is over.
-    pub fn hold(&self, stream: Stream) {
+    pub(crate) fn hold(&self, stream: Stream) {
         let _ = self.stream.set(stream);
     }
 
     /// What this exchange is doing right now.
-    pub fn live(&self, now: Instant) -> LiveExchange {
+    pub(crate) fn live(&self, now: Instant) -> LiveExchange {
         let r = &self.record;
         let uploading = self.upload.get().is_none() && self.upload_progress.load(Ordering::Relaxed) > 0;
         let (direction, bytes, expected) = if uploading || self.response_head.get().is_none() {
@@ -240,32 +238,32 @@ impl Exchange {
         }
     }
 
-    pub fn mark_forwarded(&self) {
+    pub(crate) fn mark_forwarded(&self) {
         let _ = self.forwarded.set(Instant::now());
     }
 
-    pub fn mark_response_head(&self, status: u16, info: ResponseInfo) {
+    pub(crate) fn mark_response_head(&self, status: u16, info: ResponseInfo) {
         let _ = self.response_head.set(Instant::now());
         self.set_status(status);
         let _ = self.response_info.set(info);
     }
 
     /// The status of the response sent to the client (also for locally made responses).
-    pub fn set_status(&self, status: u16) {
+    pub(crate) fn set_status(&self, status: u16) {
         self.status.store(status, Ordering::Relaxed);
     }
 
-    pub fn mark_upstream_error(&self, kind: UpstreamErrorKind) {
+    pub(crate) fn mark_upstream_error(&self, kind: UpstreamErrorKind) {
         let _ = self.upstream_error.set(kind);
     }
 
     /// How the request body ended, if it has.
-    pub fn upload_end(&self) -> Option<crate::timed_body::BodyEnd> {
+    pub(crate) fn upload_end(&self) -> Option<crate::protocol::BodyEnd> {
         self.upload.get().map(|u| u.end)
     }
 
     /// When the request body's life ended (fully forwarded, or cut off), if it has.
-    pub fn upload_ended(&self) -> Option<Instant> {
+    pub(crate) fn upload_ended(&self) -> Option<Instant> {
         self.upload.get().map(|u| u.ended)
     }
 }
@@ -281,7 +279,7 @@ impl BodyRecorder for Exchange {
                 let _ = self.download.set(outcome);
             }
         }
-        if !captured.is_empty() && outcome.end == crate::timed_body::BodyEnd::Complete {
+        if !captured.is_empty() && outcome.end == crate::protocol::BodyEnd::Complete {
             let _ = self.captured.set(captured);
         }
     }
@@ -289,18 +287,7 @@ impl BodyRecorder for Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        // Move the start-time facts out (the exchange is going away) instead of cloning them.
-        let start = &mut self.record;
-        let mut record = ExchangeRecord {
-            method: std::mem::replace(&mut start.method, Method::GET),
-            repository: start.repository.take(),
-            reference: start.reference.take(),
-            digest: start.digest.take(),
-            upload_id: start.upload_id.take(),
-            response_info: ResponseInfo::default(),
-            captured: None,
-            ..*start
-        };
+        let mut record = self.record.clone();
         record.forwarded = self.forwarded.get().copied();
         record.response_head = self.response_head.get().copied();
         record.status = match self.status.load(Ordering::Relaxed) {
@@ -358,7 +345,7 @@ fn observe(m: &Metrics, r: &ExchangeRecord) {
         }
     }
     for body in [r.upload.as_ref(), r.download.as_ref()].into_iter().flatten() {
-        if body.end == crate::timed_body::BodyEnd::SourceStalled {
+        if body.end == crate::protocol::BodyEnd::SourceStalled {
             m.stalled.with_label_values(&[body.direction.as_str()]).inc();
         }
     }

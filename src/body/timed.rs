@@ -11,8 +11,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,167 +21,14 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-/// Which way a body flows. A metric label: closed set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    /// Client → registry (request bodies).
-    Upload,
-    /// Registry → client (response bodies).
-    Download,
-}
-
-impl Direction {
-    pub const ALL: [Direction; 2] = [Direction::Upload, Direction::Download];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Upload => "upload",
-            Direction::Download => "download",
-        }
-    }
-
-    /// The party that produces this body's bytes.
-    pub fn source(self) -> Side {
-        match self {
-            Direction::Upload => Side::Client,
-            Direction::Download => Side::Registry,
-        }
-    }
-
-    /// The party that consumes this body's bytes.
-    pub fn sink(self) -> Side {
-        match self {
-            Direction::Upload => Side::Registry,
-            Direction::Download => Side::Client,
-        }
-    }
-}
-
-/// One end of the proxied exchange. A metric label: closed set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Side {
-    Client,
-    Registry,
-}
-
-impl Side {
-    pub const ALL: [Side; 2] = [Side::Client, Side::Registry];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Registry => "registry",
-        }
-    }
-}
-
-/// How a body's life ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BodyEnd {
-    /// The source signalled end of stream and the sink took everything.
-    Complete,
-    /// The source failed mid-stream (connection reset, short body): the source aborted.
-    SourceError,
-    /// The sink stopped asking for frames before the end: the sink aborted (or gave up).
-    SinkDropped,
-    /// The source sent nothing for the stall timeout: regscope cut the body off.
-    SourceStalled,
-}
-
-/// What a body did, handed over once when it ends.
-#[derive(Debug, Clone, Copy)]
-pub struct BodyOutcome {
-    pub direction: Direction,
-    pub bytes: u64,
-    pub frames: u64,
-    /// When the sink first asked for data; `None` if it never did (an empty body).
-    pub first_poll: Option<Instant>,
-    /// When the first data byte was handed to the sink.
-    pub first_byte: Option<Instant>,
-    /// When the last data byte was handed to the sink.
-    pub last_byte: Option<Instant>,
-    /// When the body ended, however it ended.
-    pub ended: Instant,
-    /// Time spent waiting for the source to produce bytes.
-    pub source_wait: Duration,
-    /// Time spent waiting for the sink to ask for more (backpressure).
-    pub sink_wait: Duration,
-    pub end: BodyEnd,
-}
-
-impl BodyOutcome {
-    /// First poll to end: the body's active life.
-    pub fn active(&self) -> Duration {
-        self.first_poll.map_or(Duration::ZERO, |t| self.ended.saturating_duration_since(t))
-    }
-
-    /// The part of the active life that was neither side's stall: bytes moving.
-    pub fn moving(&self) -> Duration {
-        self.active().saturating_sub(self.source_wait + self.sink_wait)
-    }
-
-    /// Time the given side made this body wait.
-    pub fn wait_on(&self, side: Side) -> Duration {
-        if side == self.direction.source() {
-            self.source_wait
-        } else {
-            self.sink_wait
-        }
-    }
-
-    /// Which side aborted, if the body did not complete.
-    pub fn aborted_by(&self) -> Option<Side> {
-        match self.end {
-            BodyEnd::Complete => None,
-            BodyEnd::SourceError | BodyEnd::SourceStalled => Some(self.direction.source()),
-            BodyEnd::SinkDropped => Some(self.direction.sink()),
-        }
-    }
-}
-
-/// Receives a body's outcome, exactly once.
-pub trait BodyRecorder: Send + Sync {
-    /// `captured` holds the body's first bytes when capture was asked for (see
-    /// [`TimedBody::capture`]), and is empty otherwise.
-    fn record(&self, outcome: BodyOutcome, captured: Vec<u8>);
-}
-
-/// A bounded copy of a body's bytes, taken while they stream past (manifests, v1 ancestry).
-/// Allocated once up front; stops copying at its limit, never delays the stream.
-#[derive(Debug, Default)]
-struct Capture {
-    bytes: Vec<u8>,
-    limit: usize,
-    /// Set when the body outgrew the limit: a truncated copy is worthless, so it is dropped.
-    overflowed: bool,
-}
-
-impl Capture {
-    fn take(&mut self, data: &impl Buf) {
-        if self.overflowed || self.limit == 0 {
-            return;
-        }
-        let n = data.remaining();
-        if self.bytes.len() + n > self.limit || n != data.chunk().len() {
-            self.overflowed = true;
-            self.bytes = Vec::new();
-            return;
-        }
-        self.bytes.extend_from_slice(data.chunk());
-    }
-
-    fn take_bytes(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.bytes)
-    }
-}
-
+use super::capture::Capture;
+use super::drain::{Deferred, Drain};
+use super::outcome::{finish, BodyRecorder, Tally};
+use crate::protocol::{BodyEnd, Direction};
 /// The error a stalled body ends with: the connection it feeds is aborted, never finished.
 #[derive(Debug, thiserror::Error)]
 #[error("no body bytes for {0:?}: the {1} stalled")]
-pub struct Stalled(pub Duration, pub &'static str);
+pub(super) struct Stalled(pub Duration, pub &'static str);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -208,95 +55,6 @@ impl Watchdog {
             sleep.as_mut().reset(deadline);
         }
     }
-}
-
-/// Ends a response body when its connection has written it out, not when its source ended.
-///
-/// Hyper queues up to its buffer size of a response before it stops asking the body for more,
-/// so the source can end while a megabyte still waits for a slow client. With a `Drain`, a body
-/// whose source completed hands its outcome here, and the outcome is recorded at the
-/// connection's next flush with nothing left queued (hyper flushes the IO only once its queue is
-/// empty): the tail is the sink's wait, not an idle gap after the response. Per flush this costs
-/// the IO one relaxed load; the lock is taken once per body.
-#[derive(Default)]
-pub struct Drain {
-    armed: AtomicBool,
-    pending: Mutex<Option<Deferred>>,
-}
-
-/// A completed body's outcome, waiting for the write-out.
-struct Deferred {
-    direction: Direction,
-    tally: Tally,
-    captured: Vec<u8>,
-    recorder: Arc<dyn BodyRecorder>,
-}
-
-impl std::fmt::Debug for Drain {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Drain").field("armed", &self.armed).finish_non_exhaustive()
-    }
-}
-
-impl Drain {
-    /// Called by the connection's IO after a flush that left nothing queued.
-    pub fn flushed(&self) {
-        if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::AcqRel) {
-            self.settle(BodyEnd::Complete);
-        }
-    }
-
-    /// Called when the connection is gone: a body still waiting never fully reached its sink.
-    pub fn abandoned(&self) {
-        if self.armed.swap(false, Ordering::AcqRel) {
-            self.settle(BodyEnd::SinkDropped);
-        }
-    }
-
-    fn defer(&self, deferred: Deferred) {
-        // HTTP/1 writes one response at a time; one still waiting is settled by the next.
-        let previous = self.lock().replace(deferred);
-        self.armed.store(true, Ordering::Release);
-        if let Some(previous) = previous {
-            record_deferred(previous, BodyEnd::Complete);
-        }
-    }
-
-    fn settle(&self, end: BodyEnd) {
-        let deferred = self.lock().take();
-        if let Some(deferred) = deferred {
-            record_deferred(deferred, end);
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Deferred>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// The time since the last frame went out is the sink's: it was writing the tail.
-fn record_deferred(mut d: Deferred, end: BodyEnd) {
-    let now = Instant::now();
-    if let Some(at) = d.tally.returned_at.take() {
-        d.tally.sink_wait += now.saturating_duration_since(at);
-    }
-    d.recorder.record(finish(d.direction, &d.tally, end, now), d.captured);
-}
-
-/// Running totals, kept inline in the wrapper.
-#[derive(Debug, Default, Clone)]
-struct Tally {
-    bytes: u64,
-    frames: u64,
-    first_poll: Option<Instant>,
-    first_byte: Option<Instant>,
-    last_byte: Option<Instant>,
-    /// Set when the inner body returned `Pending`; cleared at its next `Ready`.
-    pending_since: Option<Instant>,
-    /// Set when we returned a frame; cleared at the next poll.
-    returned_at: Option<Instant>,
-    source_wait: Duration,
-    sink_wait: Duration,
 }
 
 pin_project! {
@@ -336,7 +94,7 @@ pin_project! {
 }
 
 impl<B: Body> TimedBody<B> {
-    pub fn new(
+    pub(crate) fn new(
         inner: B,
         direction: Direction,
         progress: Option<Arc<AtomicU64>>,
@@ -356,48 +114,24 @@ impl<B: Body> TimedBody<B> {
     }
 
     /// Records the end only once the sink's connection has written everything out (see [`Drain`]).
-    pub fn drain(mut self, drain: Option<Arc<Drain>>) -> Self {
+    pub(crate) fn drain(mut self, drain: Option<Arc<Drain>>) -> Self {
         self.drain = drain;
         self
     }
 
     /// Aborts the body (an error, so the peer never sees a clean end) when its source sends
     /// nothing for `timeout`.
-    pub fn stall_timeout(mut self, timeout: Option<Duration>) -> Self {
+    pub(crate) fn stall_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.watchdog = timeout.map(|timeout| Watchdog { timeout, sleep: None });
         self
     }
 
     /// Keeps a copy of the body's bytes, up to `limit` (a body larger than that is not kept).
     /// `expected` (e.g. from Content-Length) sizes the one allocation.
-    pub fn capture(mut self, limit: usize, expected: Option<u64>) -> Self {
+    pub(crate) fn capture(mut self, limit: usize, expected: Option<u64>) -> Self {
         let initial = expected.map_or(16 * 1024, |n| n.min(limit as u64) as usize);
         self.capture = Capture { bytes: Vec::with_capacity(initial), limit, overflowed: false };
         self
-    }
-}
-
-fn finish(direction: Direction, tally: &Tally, end: BodyEnd, now: Instant) -> BodyOutcome {
-    // A wait still open at the end counts up to now.
-    let mut source_wait = tally.source_wait;
-    if let Some(since) = tally.pending_since {
-        source_wait += now.saturating_duration_since(since);
-    }
-    let mut sink_wait = tally.sink_wait;
-    if let (Some(at), BodyEnd::SinkDropped) = (tally.returned_at, end) {
-        sink_wait += now.saturating_duration_since(at);
-    }
-    BodyOutcome {
-        direction,
-        bytes: tally.bytes,
-        frames: tally.frames,
-        first_poll: tally.first_poll,
-        first_byte: tally.first_byte,
-        last_byte: tally.last_byte,
-        ended: now,
-        source_wait,
-        sink_wait,
-        end,
     }
 }
 
@@ -454,8 +188,6 @@ where
                     let n = data.remaining() as u64;
                     if n > 0 {
                         tally.bytes += n;
-                        tally.frames += 1;
-                        tally.first_byte.get_or_insert(now);
                         tally.last_byte = Some(now);
                         if let Some(progress) = this.progress {
                             progress.fetch_add(n, Ordering::Relaxed);
@@ -503,6 +235,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::BodyOutcome;
+    use crate::protocol::Side;
     use bytes::Bytes;
     use http_body_util::BodyExt;
     use std::collections::VecDeque;
@@ -630,7 +364,7 @@ mod tests {
         let outcomes = rec.0.lock().unwrap();
         assert_eq!(outcomes.len(), 1, "recorded exactly once");
         let o = outcomes[0];
-        assert_eq!((o.bytes, o.frames, o.end), (15, 2, BodyEnd::Complete));
+        assert_eq!((o.bytes, o.end), (15, BodyEnd::Complete));
         assert_eq!(o.source_wait, ms(350));
         assert_eq!(o.sink_wait, Duration::ZERO);
         assert_eq!(o.wait_on(Side::Client), ms(350));

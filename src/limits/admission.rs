@@ -1,12 +1,12 @@
 //! Upload admission: how many request bodies stream through at once.
 //!
 //! An upload streaming through holds its client connection's grown read buffer, an upstream
-//! connection with its buffers, and the frames on their way between the two: 110 to 210 KiB
-//! each with a thousand at once. One that has not started holds about 40 KiB (hyper's buffers
-//! for its client connection, its task). So at most `--upload-slots` bodies stream at a time and
-//! the others wait unread, their bytes in the kernel's socket buffers as behind any busy server;
-//! the crowd moves as fast (two cores move bytes as fast for 64 streams as for 1000) in a
-//! fraction of the memory. Starting an upload takes a slot too (see [`needs_slot`]).
+//! connection with its buffers, and the frames on their way between the two; one that has not
+//! started holds only its client connection's first buffers and its task, a fraction of that. So
+//! at most `--upload-slots` bodies stream at a time and the others wait unread, their bytes in
+//! the kernel's socket buffers as behind any busy server; the crowd moves as fast (a few cores
+//! move bytes as fast for dozens of streams as for a thousand) in a fraction of the memory.
+//! Starting an upload takes a slot too (see [`needs_slot`]). Measurements: `docs/design.md`.
 //!
 //! A slot is for moving bytes, not for waiting: a waiter takes the slot of a holder that has
 //! moved nothing for [`STALL`] (its client stopped sending, or the registry stopped reading),
@@ -26,21 +26,21 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::{Counted, Metrics};
-use crate::route::Operation;
+use crate::protocol::Operation;
 
 /// How long a holder may move nothing before a waiter takes its slot.
-pub const STALL: Duration = Duration::from_secs(1);
+pub(crate) const STALL: Duration = Duration::from_secs(1);
 
 /// How often a waiter looks for a stalled holder: a holder is seen stalled at most this long
 /// after [`STALL`].
-pub const LOOK_EVERY: Duration = Duration::from_millis(250);
+pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(250);
 
 /// Bodies that declare at most this many bytes need no slot (manifests, tag lists): they fit in
 /// a read or two.
-pub const SMALL_BODY: u64 = 64 << 10;
+pub(crate) const SMALL_BODY: u64 = 64 << 10;
 
 /// The slots, who holds them, and the metrics of waiting for one.
-pub struct Admission {
+pub(crate) struct Admission {
     permits: Arc<Semaphore>,
     /// At most one per slot.
     holders: Mutex<Vec<Holder>>,
@@ -77,14 +77,14 @@ impl Watch {
 /// starts a blob upload (a thousand pushes starting at once would otherwise open a thousand
 /// registry connections at once). The step that ends an upload without a body never waits: its
 /// connection may still hold the buffers its body grew, so it is let through at once.
-pub fn needs_slot(operation: Operation, body_is_empty: bool, declared: Option<u64>) -> bool {
+pub(crate) fn needs_slot(operation: Operation, body_is_empty: bool, declared: Option<u64>) -> bool {
     let starts = matches!(operation, Operation::UploadStart | Operation::UploadStartMonolithic | Operation::BlobMount);
     starts || (!body_is_empty && declared.is_none_or(|length| length > SMALL_BODY))
 }
 
 impl Admission {
     /// `slots` uploads at a time (at least one).
-    pub fn new(slots: usize, metrics: &Metrics) -> Arc<Admission> {
+    pub(crate) fn new(slots: usize, metrics: &Metrics) -> Arc<Admission> {
         Arc::new(Admission {
             permits: Arc::new(Semaphore::new(slots.max(1))),
             holders: Mutex::new(Vec::new()),
@@ -95,7 +95,7 @@ impl Admission {
 
     /// Waits for a slot for the upload whose live byte count is `progress`; the slot is held
     /// until the ticket is dropped. First come, first served.
-    pub async fn admit(self: &Arc<Self>, progress: &Arc<AtomicU64>) -> Ticket {
+    pub(crate) async fn admit(self: &Arc<Self>, progress: &Arc<AtomicU64>) -> Ticket {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => self.wait_for_slot().await,
@@ -148,7 +148,7 @@ impl Admission {
 
 /// An admitted upload's slot. Dropped, it goes back, unless a waiter has taken it over: then
 /// the permit is forgotten, as the taker added one in its place.
-pub struct Ticket {
+pub(crate) struct Ticket {
     admission: Arc<Admission>,
     /// Its holder's byte count: the holder, if it still holds the slot.
     progress: Arc<AtomicU64>,

@@ -1,15 +1,15 @@
 //! How much a connection reads at once: the quieter the proxy, the larger.
 //!
-//! Every read moves one frame through the proxy, and on loopback each frame costs a receive,
-//! a send and a wake-up whatever its size: reading 1 MiB at a time moves a blob at about twice
-//! the rate of 64 KiB reads, for half the CPU. But hyper keeps a connection's read buffer (and
-//! the frame in flight) for as long as the connection lives, so a thousand busy transfers at
-//! 1 MiB each would hold two gigabytes. So a new stream's read size depends on how many streams
+//! Every read moves one frame through the proxy, and each frame costs a receive, a send and a
+//! wake-up whatever its size, so large reads move a blob faster for less CPU. But hyper keeps a
+//! connection's read buffer (and the frame in flight) for as long as the connection lives, so
+//! large reads for every busy transfer would hold gigabytes. So a new stream's read size depends on how many streams
 //! its side already has ([`CLASSES`]): a `docker push` or `docker pull` reads about 1 MiB at a
 //! time, a few dozen concurrent transfers 56 KiB, more 16 KiB. A stream keeps its class for life,
 //! and a class is only given while the side has at most its `until` streams, so no class ever
 //! holds more than `until` streams and memory stays bounded whatever the load. Small reads also
-//! share the CPU fairly: a 1 MiB reader moves 64 times as much per turn as a 16 KiB one.
+//! share the CPU fairly between many streams. The measurements behind the classes are in
+//! `docs/design.md` (Memory).
 //! With more than 64 client connections open, an upstream stream counts them too: each can
 //! start a transfer at any moment ([`Slots::start_with_open`]).
 //!
@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How an HTTP/1 connection reads. The size is also the most a response head may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reads {
+pub(crate) enum Reads {
     /// Starting at 8 KiB and doubling while reads fill the buffer (hyper's adaptive reads).
     /// Also the most hyper queues to write: an upload's frames wait in the kernel, not here.
     UpTo(usize),
@@ -35,17 +35,16 @@ pub enum Reads {
 }
 
 impl Reads {
-    pub fn max(self) -> usize {
+    pub(crate) fn max(self) -> usize {
         match self {
             Reads::UpTo(n) | Reads::Exactly(n) => n,
         }
     }
 
-    /// How a connection of this class reads when its exchange sends a body: adaptively, so
-    /// that hyper bounds its write queue to the read size (1000 uploads to a slow registry held
-    /// 459 MiB with exact 16 KiB reads), at about the same size (16 KiB exact: up to 24). Only
-    /// senders: adaptive reads cost a 1000-GET burst some 7 MiB more than exact ones.
-    pub const fn sending(self) -> Reads {
+    /// How a connection of this class reads when its exchange sends a body: adaptively, at about
+    /// the same size, so that hyper bounds its write queue to the read size instead of its much
+    /// larger default. Only senders: adaptive reads hold more than exact ones for a burst of GETs.
+    pub(crate) const fn sending(self) -> Reads {
         match self {
             Reads::UpTo(n) => Reads::UpTo(n),
             Reads::Exactly(n) => Reads::UpTo(growth_size(n)),
@@ -56,7 +55,7 @@ impl Reads {
 /// A read class: how a stream reads, and the most streams its side may have (the new one
 /// included) for a new stream to get it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Class {
+pub(crate) struct Class {
     pub reads: Reads,
     pub until: usize,
 }
@@ -71,18 +70,17 @@ const FIRST_READ: usize = 8 << 10;
 /// still sit at the front of the allocation, and `bytes` then grows the allocation by that
 /// front part too (8, then 24, 56, 120 KiB), keeping it for as long as the connection lives.
 /// A connection reading up to 64 KiB so holds 120 KiB, one reading up to 1 MiB 2 MiB; reading
-/// up to one of these sizes, it holds just that. (By hand, 1000 uploads at once: 171–198 MiB
-/// with client connections reading up to 64 KiB, 108–111 at 56 KiB, the same throughput.)
-pub const fn growth_size(n: usize) -> usize {
+/// up to one of these sizes, it holds just that.
+pub(crate) const fn growth_size(n: usize) -> usize {
     let n = if n > FIRST_READ { n } else { FIRST_READ };
     (n + FIRST_READ).next_power_of_two() - FIRST_READ
 }
 
 /// Read size of a stream holding a large-read slot: 1016 KiB, the growth size nearest 1 MiB.
-pub const LARGE: usize = growth_size(1000 << 10);
+pub(crate) const LARGE: usize = growth_size(1000 << 10);
 
 /// The classes after the large one, from the largest. The last takes every stream beyond.
-pub const CLASSES: [Class; 2] = [
+pub(crate) const CLASSES: [Class; 2] = [
     Class { reads: Reads::UpTo(growth_size(56 << 10)), until: 64 },
     Class { reads: Reads::Exactly(16 << 10), until: usize::MAX },
 ];
@@ -90,7 +88,7 @@ pub const CLASSES: [Class; 2] = [
 /// The large-read slots of one side of the proxy, and how many streams it has now. Cheap to
 /// clone (shared).
 #[derive(Debug, Clone)]
-pub struct Slots {
+pub(crate) struct Slots {
     large: Arc<Semaphore>,
     count: usize,
     active: Arc<AtomicUsize>,
@@ -98,7 +96,7 @@ pub struct Slots {
 
 /// One stream (an exchange, or a client connection) for as long as it lives.
 #[derive(Debug)]
-pub struct Stream {
+pub(crate) struct Stream {
     /// 0: large (holding `slot`); `i + 1`: `CLASSES[i]`.
     class: usize,
     slot: Option<OwnedSemaphorePermit>,
@@ -106,18 +104,18 @@ pub struct Stream {
 }
 
 impl Slots {
-    pub fn new(count: usize) -> Self {
+    pub(crate) fn new(count: usize) -> Self {
         Slots { large: Arc::new(Semaphore::new(count)), count, active: Arc::new(AtomicUsize::new(0)) }
     }
 
     /// Every class of this side, from the largest: `1 + CLASSES.len()` of them.
-    pub fn classes(&self) -> [Class; 1 + CLASSES.len()] {
+    pub(crate) fn classes(&self) -> [Class; 1 + CLASSES.len()] {
         let [a, b] = CLASSES;
         [Class { reads: Reads::UpTo(LARGE), until: self.count }, a, b]
     }
 
     /// Counts a new stream and gives it the largest class the side's load allows.
-    pub fn start(&self) -> Stream {
+    pub(crate) fn start(&self) -> Stream {
         self.start_with_open(0)
     }
 
@@ -126,7 +124,7 @@ impl Slots {
     /// at once), so a burst on a thousand idle connections reads small from its first stream
     /// on, where its first few would otherwise take the larger classes and keep them. A docker
     /// push or pull (a handful of connections) is not affected.
-    pub fn start_with_open(&self, open: usize) -> Stream {
+    pub(crate) fn start_with_open(&self, open: usize) -> Stream {
         let active = self.active.fetch_add(1, Ordering::Relaxed) + 1;
         let load = if open > CLASSES[0].until { active.max(open) } else { active };
         let slot = if load <= self.count { self.large.clone().try_acquire_owned().ok() } else { None };
@@ -137,12 +135,12 @@ impl Slots {
 
 impl Stream {
     /// Index into [`Slots::classes`].
-    pub fn class(&self) -> usize {
+    pub(crate) fn class(&self) -> usize {
         self.class
     }
 
     /// Whether this stream reads large.
-    pub fn large(&self) -> bool {
+    pub(crate) fn large(&self) -> bool {
         self.slot.is_some()
     }
 }

@@ -1,30 +1,28 @@
 //! Gives memory back to the system once a burst of transfers is over.
 //!
-//! While a thousand transfers run, hyper holds some 60 KiB of buffers for each; when they end,
-//! glibc's allocator keeps the freed chunks wherever a few live ones (pooled connections, kept
-//! transfers) sit between them, and the next burst lands partly beside them. Resident memory
-//! ratcheted up burst after burst (69, 88, 100, 102 MiB over four bursts of 1000 GETs) while
-//! the live heap after each was 15 MiB. `malloc_trim` hands back every free page wherever it
+//! While many transfers run, hyper holds buffers for each; when they end, glibc's allocator keeps
+//! the freed chunks wherever a few live ones (pooled connections, kept transfers) sit between
+//! them, and the next burst lands partly beside them, so resident memory ratchets up burst after
+//! burst while the live heap stays small. `malloc_trim` hands back every free page wherever it
 //! is, so each burst starts again from what is live.
 //!
 //! When to trim is read off the allocator itself: once a second, how much of the resident
 //! memory is not live heap. When that has grown by [`SLACK`] since the last trim, a burst has
-//! freed its buffers, whether or not the next burst has already opened its connections (an
-//! earlier trigger waited for the open connections to come down, and back-to-back bursts
-//! never let them: 58, 67, 75, 77 MiB over four). The trim walks the whole heap, so it runs
-//! off the runtime's threads; the look once a second does not.
+//! freed its buffers, whether or not the next burst has already opened its connections. The
+//! trim walks the whole heap, so it runs off the runtime's threads; the look once a second does
+//! not. The measurements behind this are in `docs/design.md` (Memory).
 
 use std::time::Duration;
 
 /// Resident memory beyond the live heap, grown since the last trim, that is worth a trim.
-pub const SLACK: u64 = 16 << 20;
+pub(crate) const SLACK: u64 = 16 << 20;
 
 /// How often the process's memory is looked at.
-pub const EVERY: Duration = Duration::from_secs(1);
+pub(crate) const EVERY: Duration = Duration::from_secs(1);
 
 /// The process's memory at one moment, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// Resident set (`/proc/self/statm`, the same as `VmRSS`).
     pub resident: u64,
     /// Heap in use: allocated chunks and mapped large blocks.
@@ -40,14 +38,14 @@ impl Sample {
 
 /// Decides from periodic [`Sample`]s when a trim is worth it.
 #[derive(Debug, Default)]
-pub struct Trigger {
+pub(crate) struct Trigger {
     /// The least idle memory seen since the last trim (or start): what a trim cannot give back.
     floor: Option<u64>,
 }
 
 impl Trigger {
     /// Records a sample; true when idle memory has grown by [`SLACK`] over its floor.
-    pub fn observe(&mut self, now: Sample) -> bool {
+    pub(crate) fn observe(&mut self, now: Sample) -> bool {
         let idle = now.idle();
         let floor = self.floor.map_or(idle, |f| f.min(idle));
         self.floor = Some(floor);
@@ -56,14 +54,14 @@ impl Trigger {
 
     /// After a trim: what it left idle is the new floor, so memory it could not return does not
     /// trigger it again.
-    pub fn trimmed(&mut self, after: Sample) {
+    pub(crate) fn trimmed(&mut self, after: Sample) {
         self.floor = Some(after.idle());
     }
 }
 
 /// Looks at the process's memory every [`EVERY`] and trims when [`Trigger`] says so, for as
 /// long as the runtime runs. Does nothing where the allocator cannot be asked.
-pub fn spawn() {
+pub(crate) fn spawn() {
     if sample().is_some() {
         tokio::spawn(run());
     }

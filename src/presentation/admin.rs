@@ -13,13 +13,13 @@ use http_body_util::{Empty, Full};
 use hyper::body::Incoming;
 
 use crate::metrics::Metrics;
-use crate::transfers::Tracker;
-use crate::upstream::{UpstreamClient, UpstreamTarget};
+use crate::recording::Tracker;
+use crate::wire::upstream::{UpstreamClient, UpstreamTarget};
 
 /// How long `/readyz` waits for the registry's `GET /v2/`.
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-pub struct Admin {
+pub(crate) struct Admin {
     pub metrics: Arc<Metrics>,
     /// A client of its own for probes: probes carry no body, proxied requests do.
     pub probe: UpstreamClient<Empty<Bytes>>,
@@ -33,7 +33,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub fn new(
+    pub(crate) fn new(
         metrics: Arc<Metrics>,
         probe: UpstreamClient<Empty<Bytes>>,
         upstream: UpstreamTarget,
@@ -42,11 +42,11 @@ impl Admin {
         Admin { metrics, probe, upstream, transfers, ui: true, draining: AtomicBool::new(false) }
     }
 
-    pub fn set_draining(&self) {
+    pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n"));
         }
@@ -77,7 +77,7 @@ impl Admin {
             return text(StatusCode::NOT_FOUND, "the transfers API is disabled (--disable-transfers-api)\n");
         };
         if path == TRANSFERS {
-            let limit = match crate::route::query_param(query, "limit").map(str::parse::<usize>) {
+            let limit = match crate::protocol::query_param(query, "limit").map(str::parse::<usize>) {
                 None => 100,
                 Some(Ok(n)) => n,
                 Some(Err(_)) => return text(StatusCode::BAD_REQUEST, "limit must be a non-negative integer\n"),
@@ -110,7 +110,7 @@ impl Admin {
                 &format!("upstream {} answered {}\n", self.upstream.display, response.status()),
             ),
             Ok(Err(error)) => {
-                let (_, cause) = crate::error::classify_client_error(&error);
+                let (_, cause) = crate::wire::error::classify_client_error(&error);
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!("upstream {} unreachable: {cause}\n", self.upstream.display),
@@ -130,7 +130,10 @@ impl Admin {
             return text(StatusCode::NOT_FOUND, "the UI needs the transfers API, which is disabled\n");
         };
         if path == "/" {
-            return html(crate::ui::index(&tracker.live(), &tracker.recent(50)), "text/html; charset=utf-8");
+            return html(
+                crate::presentation::ui::index(&tracker.live(), &tracker.recent(50)),
+                "text/html; charset=utf-8",
+            );
         }
         let rest = &path["/transfers/".len()..];
         let (id, svg) = match rest.strip_suffix(".svg") {
@@ -138,8 +141,8 @@ impl Admin {
             None => (rest, false),
         };
         match id.parse::<u64>().ok().and_then(|id| tracker.get(id)) {
-            Some(t) if svg => html(crate::waterfall::render_svg(&t), "image/svg+xml"),
-            Some(t) => html(crate::ui::transfer_page(&t), "text/html; charset=utf-8"),
+            Some(t) if svg => html(crate::presentation::waterfall::render_svg(&t), "image/svg+xml"),
+            Some(t) => html(crate::presentation::ui::transfer_page(&t), "text/html; charset=utf-8"),
             None => text(StatusCode::NOT_FOUND, "no such transfer\n"),
         }
     }

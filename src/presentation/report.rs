@@ -3,17 +3,18 @@
 
 use std::fmt::Write as _;
 
-use crate::manifest::BlobKind;
-use crate::route::{Api, Operation};
-use crate::transfers::{Blob, Transfer, TransferDirection};
+use crate::protocol::BlobKind;
+use crate::protocol::TransferDirection;
+use crate::protocol::{Api, Operation};
+use crate::recording::{Blob, Transfer};
 
 /// One row of the table.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Row {
+pub(crate) struct Row {
     pub operation: String,
     pub seconds: f64,
     /// Waiting on the client / registry / bytes moving, where that split is known.
-    pub split: Option<crate::timeline::Split>,
+    pub split: Option<crate::recording::Split>,
 }
 
 fn short(id: &str) -> &str {
@@ -49,7 +50,7 @@ pub fn bytes(n: u64) -> String {
 }
 
 /// The rows of one transfer, in the order things happened.
-pub fn rows(t: &Transfer) -> Vec<Row> {
+pub(crate) fn rows(t: &Transfer) -> Vec<Row> {
     // (start offset, order within a group, row): sorted at the end.
     let mut out: Vec<(f64, usize, Row)> = Vec::new();
     let mut layer_index = 0;
@@ -115,7 +116,7 @@ pub fn rows(t: &Transfer) -> Vec<Row> {
 }
 
 /// Intervals of the transfer's wall time with no request on the wire.
-pub fn idle_intervals(t: &Transfer) -> Vec<(f64, f64)> {
+pub(crate) fn idle_intervals(t: &Transfer) -> Vec<(f64, f64)> {
     let mut spans: Vec<(f64, f64)> = t.requests.iter().map(|r| (r.start, r.end)).collect();
     spans.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut idle = Vec::new();
@@ -133,7 +134,7 @@ pub fn idle_intervals(t: &Transfer) -> Vec<(f64, f64)> {
 }
 
 /// The one-line verdict: where this transfer's time went.
-pub fn verdict(t: &Transfer) -> String {
+pub(crate) fn verdict(t: &Transfer) -> String {
     let wall = t.wall_seconds;
     if wall <= 0.0 {
         return format!("this {} took no measurable time", t.direction.as_str());
@@ -209,7 +210,7 @@ pub async fn fetch(admin: &http::Uri, last: usize) -> Result<Vec<Transfer>, Fetc
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Empty<bytes::Bytes>>();
     let failed = |cause: String| FetchError::Request { url: url.clone(), cause };
-    let response = client.get(uri).await.map_err(|e| failed(crate::error::classify_client_error(&e).1))?;
+    let response = client.get(uri).await.map_err(|e| failed(crate::wire::error::classify_client_error(&e).1))?;
     let status = response.status();
     let body = response.into_body().collect().await.map_err(|e| failed(e.to_string()))?.to_bytes();
     if !status.is_success() {
@@ -228,9 +229,8 @@ pub async fn fetch(admin: &http::Uri, last: usize) -> Result<Vec<Transfer>, Fetc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::phases::UploadPhases;
-    use crate::timeline::Split;
-    use crate::transfers::{BlobOutcome, Outcome};
+    use crate::protocol::Outcome;
+    use crate::recording::{BlobOutcome, Split, UploadPhases};
 
     fn transfer() -> Transfer {
         let phases = UploadPhases {

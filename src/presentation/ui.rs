@@ -4,10 +4,10 @@
 
 use std::fmt::Write as _;
 
-use crate::report::bytes;
-use crate::timeline::Split;
-use crate::transfers::{LiveTransfer, Transfer};
-use crate::waterfall::{escape, render_svg, request_label, CLIENT, MOVING, REGISTRY};
+use crate::presentation::report::bytes;
+use crate::presentation::waterfall::{escape, render_svg, request_label, CLIENT, MOVING, REGISTRY};
+use crate::recording::Split;
+use crate::recording::{LiveTransfer, Transfer};
 
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}\
 table{border-collapse:collapse;margin-bottom:1.5em}td,th{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}\
@@ -34,11 +34,11 @@ fn shares_bar(parties: &Split, wall: f64) -> String {
 }
 
 fn name(repository: &str, tag: Option<&str>) -> String {
-    escape(&crate::transfers::image_name(repository, tag))
+    escape(&crate::recording::image_name(repository, tag))
 }
 
 /// `/`: transfers in progress (refreshing by itself), then recent ones, newest first.
-pub fn index(live: &[LiveTransfer], recent: &[std::sync::Arc<Transfer>]) -> String {
+pub(crate) fn index(live: &[LiveTransfer], recent: &[std::sync::Arc<Transfer>]) -> String {
     let mut b = String::new();
     let _ = write!(b, "<h1>regscope</h1><h2>In progress</h2>");
     if live.is_empty() {
@@ -128,8 +128,8 @@ pub fn transfer_page(t: &Transfer) -> String {
     b.push_str(r#"<h2>Layers</h2><table id="layers"><tr><th>blob</th><th>kind</th><th>size</th><th>outcome</th><th>time</th><th>client / registry / moving</th></tr>"#);
     for blob in &t.blobs {
         let kind = blob.kind.map_or("blob", |k| match k {
-            crate::manifest::BlobKind::Config => "config",
-            crate::manifest::BlobKind::Layer => "layer",
+            crate::protocol::BlobKind::Config => "config",
+            crate::protocol::BlobKind::Layer => "layer",
         });
         let seconds = blob.phases.map_or(blob.split.total(), |p| p.total);
         let _ = write!(

@@ -7,14 +7,14 @@
 
 use std::fmt::Write as _;
 
-use crate::route::Operation;
-use crate::timeline::RequestView;
-use crate::transfers::Transfer;
+use crate::protocol::Operation;
+use crate::recording::RequestView;
+use crate::recording::Transfer;
 
 /// Colours per party: the same in the waterfall, the stacked bars and the legend.
-pub const CLIENT: &str = "#d1495b";
-pub const REGISTRY: &str = "#edae49";
-pub const MOVING: &str = "#00798c";
+pub(crate) const CLIENT: &str = "#d1495b";
+pub(crate) const REGISTRY: &str = "#edae49";
+pub(crate) const MOVING: &str = "#00798c";
 
 const WIDTH: f64 = 1100.0;
 const LABEL: f64 = 330.0;
@@ -23,7 +23,7 @@ const ROW: f64 = 20.0;
 const TOP: f64 = 62.0;
 
 /// Escapes text for HTML and SVG.
-pub fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -39,7 +39,7 @@ pub fn escape(text: &str) -> String {
 }
 
 /// A request's label: its operation and what it names.
-pub fn request_label(r: &RequestView) -> String {
+pub(crate) fn request_label(r: &RequestView) -> String {
     let manifest = matches!(
         r.operation,
         Operation::ManifestGet | Operation::ManifestHead | Operation::ManifestPut | Operation::ManifestDelete
@@ -50,14 +50,14 @@ pub fn request_label(r: &RequestView) -> String {
     let what = &what[..what.len().min(12)];
     let status = r.status.map_or("—".to_owned(), |s| s.to_string());
     let moved = r.bytes_in() + r.bytes_out();
-    let size = if moved >= 1024 { format!(" {}", crate::report::bytes(moved)) } else { String::new() };
+    let size = if moved >= 1024 { format!(" {}", crate::presentation::report::bytes(moved)) } else { String::new() };
     format!("{} {} {} {}{size}", r.method, r.operation.as_str(), what, status)
 }
 
 /// The coloured pieces of one request, in time order: (party, start offset, seconds). Derived
 /// from the request's segments (`RequestView::segments`, the cut the attribution uses too); a
 /// body's mix is drawn as its client / registry / moving parts, in that order within the body.
-pub fn pieces(r: &RequestView) -> Vec<(&'static str, f64, f64)> {
+pub(crate) fn pieces(r: &RequestView) -> Vec<(&'static str, f64, f64)> {
     let mut out = Vec::new();
     for segment in r.segments() {
         let length = segment.to - segment.from;
@@ -218,8 +218,8 @@ fn format_seconds(t: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::timed_body::BodyEnd;
-    use crate::timeline::BodyView;
+    use crate::protocol::BodyEnd;
+    use crate::recording::BodyView;
 
     fn request() -> RequestView {
         RequestView {

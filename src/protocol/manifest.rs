@@ -8,11 +8,11 @@ use serde::Deserialize;
 
 /// How much of a manifest body is kept for parsing. Real manifests are a few KiB; OCI
 /// recommends registries accept at least 4 MiB.
-pub const CAPTURE_LIMIT: usize = 4 * 1024 * 1024;
+pub(crate) const CAPTURE_LIMIT: usize = 4 * 1024 * 1024;
 
 /// The references a manifest-like body carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ManifestRefs {
+pub(crate) struct ManifestRefs {
     /// Blobs to fetch: the config first, then the layers, with their declared sizes.
     pub blobs: Vec<BlobRef>,
     /// Child manifests (an index or manifest list): each is fetched by digest.
@@ -20,7 +20,7 @@ pub struct ManifestRefs {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlobRef {
+pub(crate) struct BlobRef {
     pub digest: String,
     pub size: Option<u64>,
     pub kind: BlobKind,
@@ -62,7 +62,7 @@ struct Schema1Layer {
 }
 
 /// Parses a manifest or index. `None` if the body is not one.
-pub fn parse_manifest(body: &[u8]) -> Option<ManifestRefs> {
+pub(super) fn parse_manifest(body: &[u8]) -> Option<ManifestRefs> {
     let m: AnyManifest = serde_json::from_slice(body).ok()?;
     let mut refs = ManifestRefs::default();
     if let Some(config) = m.config {
@@ -87,7 +87,7 @@ pub fn parse_manifest(body: &[u8]) -> Option<ManifestRefs> {
 /// again was a tenth of a manifest GET's CPU. The key is the body itself, not the digest the
 /// registry names, so a hit is the same input by construction. Bounded in entries and in the
 /// size of a body kept (larger ones are parsed every time).
-pub struct ParsedManifests {
+pub(crate) struct ParsedManifests {
     recent: Mutex<VecDeque<Parsed>>,
 }
 
@@ -96,17 +96,17 @@ type Parsed = (Box<[u8]>, Option<Arc<ManifestRefs>>);
 
 impl ParsedManifests {
     /// Bodies kept: far more manifests than one pull (an index and its images) fetches.
-    pub const ENTRIES: usize = 32;
+    pub(crate) const ENTRIES: usize = 32;
     /// Largest body kept: an image manifest with a hundred layers is about 20 KiB.
-    pub const BODY_MAX: usize = 32 * 1024;
+    pub(crate) const BODY_MAX: usize = 32 * 1024;
 
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         ParsedManifests { recent: Mutex::new(VecDeque::with_capacity(Self::ENTRIES)) }
     }
 
     /// What `parse_manifest` says of `body`, from the cache when the same bytes were parsed
     /// lately. Takes the body so a miss keeps it without a copy.
-    pub fn parse(&self, body: Vec<u8>) -> Option<Arc<ManifestRefs>> {
+    pub(crate) fn parse(&self, body: Vec<u8>) -> Option<Arc<ManifestRefs>> {
         if body.len() > Self::BODY_MAX {
             return parse_manifest(&body).map(Arc::new);
         }
@@ -135,7 +135,7 @@ impl Default for ParsedManifests {
 }
 
 /// Parses a v1 ancestry (`["<top id>", …, "<base id>"]`) into image ids, base first.
-pub fn parse_ancestry(body: &[u8]) -> Option<Vec<String>> {
+pub(crate) fn parse_ancestry(body: &[u8]) -> Option<Vec<String>> {
     let mut ids: Vec<String> = serde_json::from_slice(body).ok()?;
     ids.reverse();
     Some(ids)

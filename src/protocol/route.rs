@@ -6,83 +6,7 @@
 
 use http::Method;
 
-/// Which protocol family a request belongs to. A metric label: closed set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Api {
-    V1,
-    V2,
-    Other,
-}
-
-impl Api {
-    pub const ALL: [Api; 3] = [Api::V1, Api::V2, Api::Other];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Api::V1 => "v1",
-            Api::V2 => "v2",
-            Api::Other => "other",
-        }
-    }
-}
-
-macro_rules! operations {
-    ($($variant:ident => $name:literal, $api:ident;)*) => {
-        /// Every registry operation regscope tells apart. A metric label: closed set.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-        #[serde(rename_all = "snake_case")]
-        pub enum Operation { $($variant,)* }
-
-        impl Operation {
-            pub const ALL: &'static [Operation] = &[$(Operation::$variant,)*];
-
-            /// The snake_case name used in metric labels and logs.
-            pub fn as_str(self) -> &'static str {
-                match self { $(Operation::$variant => $name,)* }
-            }
-
-            pub fn api(self) -> Api {
-                match self { $(Operation::$variant => Api::$api,)* }
-            }
-        }
-    };
-}
-
-operations! {
-    VersionCheck => "version_check", V2;
-    ManifestGet => "manifest_get", V2;
-    ManifestHead => "manifest_head", V2;
-    ManifestPut => "manifest_put", V2;
-    ManifestDelete => "manifest_delete", V2;
-    BlobGet => "blob_get", V2;
-    BlobHead => "blob_head", V2;
-    BlobDelete => "blob_delete", V2;
-    UploadStart => "upload_start", V2;
-    UploadStartMonolithic => "upload_start_monolithic", V2;
-    BlobMount => "blob_mount", V2;
-    UploadChunk => "upload_chunk", V2;
-    UploadFinish => "upload_finish", V2;
-    UploadStatus => "upload_status", V2;
-    UploadCancel => "upload_cancel", V2;
-    TagsList => "tags_list", V2;
-    Referrers => "referrers", V2;
-    Catalog => "catalog", V2;
-    V1Ping => "v1_ping", V1;
-    V1RepositoryPut => "v1_repository_put", V1;
-    V1RepositoryImagesGet => "v1_repository_images_get", V1;
-    V1RepositoryImagesPut => "v1_repository_images_put", V1;
-    V1TagsGet => "v1_tags_get", V1;
-    V1TagPut => "v1_tag_put", V1;
-    V1ImageJsonGet => "v1_image_json_get", V1;
-    V1ImageJsonPut => "v1_image_json_put", V1;
-    V1LayerGet => "v1_layer_get", V1;
-    V1LayerPut => "v1_layer_put", V1;
-    V1ChecksumPut => "v1_checksum_put", V1;
-    V1AncestryGet => "v1_ancestry_get", V1;
-    V1Search => "v1_search", V1;
-    Other => "other", Other;
-}
+use super::vocabulary::{Api, Operation};
 
 /// A classified request: the operation plus the identifiers the path carries.
 ///
@@ -285,7 +209,7 @@ fn classify_v1<'a>(method: &Method, rest: &'a str) -> Route<'a> {
 }
 
 /// The value of the first `key=` parameter in a raw query string.
-pub fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+pub(crate) fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
         (k == key && !v.is_empty()).then_some(v)

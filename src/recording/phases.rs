@@ -10,38 +10,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::route::Operation;
-use crate::timeline::{RequestView, Split};
-
-/// A phase. A metric label: closed set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Start,
-    Transfer,
-    Commit,
-    Gap,
-    Total,
-}
-
-impl Phase {
-    pub const ALL: [Phase; 5] = [Phase::Start, Phase::Transfer, Phase::Commit, Phase::Gap, Phase::Total];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Start => "start",
-            Phase::Transfer => "transfer",
-            Phase::Commit => "commit",
-            Phase::Gap => "gap",
-            Phase::Total => "total",
-        }
-    }
-}
+use crate::protocol::{Operation, Phase};
+use crate::recording::{RequestView, Split};
 
 /// How one upload ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum UploadOutcome {
+pub(crate) enum UploadOutcome {
     /// The registry accepted the blob (v2 finish 2xx) or image (v1 checksum 2xx).
     Committed,
     /// A cross-repository mount: the registry already had it, no bytes moved.
@@ -92,12 +67,12 @@ fn role(op: Operation) -> Option<Phase> {
 }
 
 /// Whether a request belongs to an upload at all.
-pub fn is_upload_request(op: Operation) -> bool {
+pub(super) fn is_upload_request(op: Operation) -> bool {
     role(op).is_some() || op == Operation::UploadStatus
 }
 
 /// Computes the phases of one upload from its requests (in any order).
-pub fn upload_phases(requests: &[&RequestView]) -> UploadPhases {
+pub(super) fn upload_phases(requests: &[&RequestView]) -> UploadPhases {
     let mut p = UploadPhases::default();
     let (Some(first), Some(last)) = (
         requests.iter().map(|r| r.start).min_by(f64::total_cmp),
@@ -152,7 +127,7 @@ fn add_body_split(p: &mut UploadPhases, r: &RequestView, span: f64) {
 }
 
 /// How an upload ended, judged from its requests.
-pub fn upload_outcome(requests: &[&RequestView], idle_closed: bool) -> UploadOutcome {
+pub(super) fn upload_outcome(requests: &[&RequestView], idle_closed: bool) -> UploadOutcome {
     use Operation::*;
     let ok = |op: Operation| requests.iter().any(|r| r.operation == op && r.succeeded());
     if ok(UploadFinish) || ok(V1ChecksumPut) {
@@ -178,8 +153,8 @@ pub fn upload_outcome(requests: &[&RequestView], idle_closed: bool) -> UploadOut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::timed_body::BodyEnd;
-    use crate::timeline::BodyView;
+    use crate::protocol::BodyEnd;
+    use crate::recording::BodyView;
 
     fn req(op: Operation, start: f64, end: f64, status: u16) -> RequestView {
         RequestView {
@@ -254,7 +229,7 @@ mod tests {
         assert_eq!(upload_outcome(&[&post], true), UploadOutcome::Abandoned);
         let mut cut = req(Operation::UploadChunk, 0.2, 0.3, 0);
         cut.status = None;
-        cut.aborted_by = Some(crate::timed_body::Side::Client);
+        cut.aborted_by = Some(crate::protocol::Side::Client);
         assert_eq!(upload_outcome(&[&post, &cut], true), UploadOutcome::Failed);
     }
 }

@@ -19,9 +19,10 @@
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::exchange::ExchangeRecord;
-use crate::route::Operation;
-use crate::timed_body::{BodyEnd, BodyOutcome, Side};
+use crate::body::BodyOutcome;
+use crate::body::ExchangeRecord;
+use crate::protocol::Operation;
+use crate::protocol::{BodyEnd, Party, Side};
 
 /// Seconds spent per party. Also used for a body's or a phase's split.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -33,6 +34,15 @@ pub struct Split {
 }
 
 impl Split {
+    /// The seconds that went to `party`.
+    pub fn get(&self, party: Party) -> f64 {
+        match party {
+            Party::Client => self.client,
+            Party::Registry => self.registry,
+            Party::Moving => self.moving,
+        }
+    }
+
     pub fn total(&self) -> f64 {
         self.client + self.registry + self.moving
     }
@@ -109,7 +119,7 @@ pub struct RequestView {
 }
 
 impl RequestView {
-    pub fn new(r: &ExchangeRecord, base: Instant) -> RequestView {
+    pub(crate) fn new(r: &ExchangeRecord, base: Instant) -> RequestView {
         let at = |t: Instant| t.saturating_duration_since(base).as_secs_f64();
         let upload_id = r.upload_id.as_deref().or(r.response_info.upload_uuid.as_deref());
         RequestView {
@@ -170,7 +180,7 @@ impl RequestView {
     }
 
     /// The request cut into segments of known state (see the module docs).
-    pub fn segments(&self) -> Vec<Segment> {
+    pub(crate) fn segments(&self) -> Vec<Segment> {
         let mut out = Vec::with_capacity(6);
         let mut push = |from: f64, to: f64, mix: Split| {
             if to > from {
@@ -213,7 +223,7 @@ fn fractions(body: &BodyView) -> Split {
 
 /// A stretch of one request with a known mix of states (fractions adding to one).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Segment {
+pub(crate) struct Segment {
     pub from: f64,
     pub to: f64,
     pub mix: Split,
@@ -221,7 +231,7 @@ pub struct Segment {
 
 /// Attributes every instant of `[0, wall]` to the client, the registry or bytes moving, by the
 /// rule in the module docs. The result's total equals `wall`.
-pub fn attribute(requests: &[RequestView], wall: f64) -> Split {
+pub(super) fn attribute(requests: &[RequestView], wall: f64) -> Split {
     let segments = clipped_segments(requests, wall);
     // A sweep over start and end events, O(n log n): the products over the active segments are
     // kept as sums of logarithms plus a count of zero factors, updated as segments come and go.

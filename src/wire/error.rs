@@ -7,11 +7,11 @@ use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::metrics::UpstreamErrorKind;
+use crate::protocol::UpstreamErrorKind;
 
 /// Why the proxy could not produce the registry's answer.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("upstream {upstream} unreachable: {cause}")]
     Unreachable { upstream: String, kind: UpstreamErrorKind, cause: String },
     #[error("upstream {upstream} sent no response head within {after:?} of the request being forwarded")]
@@ -28,7 +28,7 @@ pub enum ProxyError {
 
 /// How a client broke off its request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientFault {
+pub(crate) enum ClientFault {
     /// It sent nothing for the stall timeout.
     Stalled,
     /// It closed the connection or sent a malformed body.
@@ -60,7 +60,7 @@ pub enum SetupError {
 }
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::Unreachable { kind: UpstreamErrorKind::ConnectTimeout, .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
@@ -82,7 +82,7 @@ impl ProxyError {
         }
     }
 
-    pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
+    pub(crate) fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
             ProxyError::Unreachable { kind, .. } => Some(*kind),
             ProxyError::ResponseTimeout { .. } => Some(UpstreamErrorKind::ResponseTimeout),
@@ -91,7 +91,7 @@ impl ProxyError {
     }
 
     /// A registry-style error response: `{"errors":[{"code":…,"message":…}]}`.
-    pub fn to_response(&self) -> Response<Full<Bytes>> {
+    pub(crate) fn to_response(&self) -> Response<Full<Bytes>> {
         let message = format!("regscope: {self}");
         let body = serde_json::json!({ "errors": [{ "code": self.code(), "message": message }] });
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -123,7 +123,7 @@ fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Classifies a failure of the upstream client into a cause a person can act on.
-pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> (UpstreamErrorKind, String) {
+pub(crate) fn classify_client_error(err: &hyper_util::client::legacy::Error) -> (UpstreamErrorKind, String) {
     use std::error::Error as _;
     let mut cause: Option<&(dyn std::error::Error + 'static)> = err.source();
     let mut text = String::new();
@@ -216,8 +216,8 @@ mod tls_tests {
             let _ = acceptor.accept(stream).await;
         });
         let metrics = crate::metrics::Metrics::new(0);
-        let client = crate::upstream::probe_client::<http_body_util::Empty<bytes::Bytes>>(
-            crate::tls::client_config(None).unwrap(),
+        let client = crate::wire::upstream::probe_client::<http_body_util::Empty<bytes::Bytes>>(
+            crate::wire::tls::client_config(None).unwrap(),
             Duration::from_secs(5),
             Duration::from_secs(5),
             &metrics,

@@ -15,27 +15,28 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::admission::{self, Admission};
-use crate::error::{classify_client_error, ClientFault, ProxyError};
-use crate::exchange::{Exchange, Recorders, ResponseInfo};
-use crate::headers::{self, ClientView, HostMode, Origin};
-use crate::manifest;
-use crate::route::{classify, Operation, Route};
-use crate::timed_body::{BodyEnd, Direction, Drain, TimedBody};
-use crate::upstream::{UpstreamTarget, Upstreams};
+use crate::body::{Drain, TimedBody};
+use crate::body::{Exchange, Recorders, ResponseInfo};
+use crate::limits::admission::{self, Admission};
+use crate::protocol::CAPTURE_LIMIT;
+use crate::protocol::{classify, Operation, Route};
+use crate::protocol::{BodyEnd, Direction};
+use crate::wire::error::{classify_client_error, ClientFault, ProxyError};
+use crate::wire::headers::{self, ClientView, HostMode, Origin};
+use crate::wire::upstream::{UpstreamTarget, Upstreams};
 
 /// The body of every response regscope sends: the registry's, streamed and timed, or one of
 /// our own small error bodies.
-pub type ProxyBody = Either<TimedBody<Incoming>, Full<Bytes>>;
+pub(crate) type ProxyBody = Either<TimedBody<Incoming>, Full<Bytes>>;
 
 /// The body of every request regscope forwards. Boxed: hyper queues requests to an upstream
 /// connection in blocks of 32, allocated per connection, so the request's size is paid 32 times
 /// over for each of a thousand pooled connections.
-pub type UploadBody = Box<TimedBody<Incoming>>;
+pub(crate) type UploadBody = Box<TimedBody<Incoming>>;
 
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone)]
-pub struct ConnInfo {
+pub(crate) struct ConnInfo {
     pub peer: SocketAddr,
     /// The peer's address as `X-Forwarded-For` carries it, made once for all its requests.
     pub forwarded_for: HeaderValue,
@@ -56,7 +57,7 @@ impl ConnInfo {
 }
 
 /// Everything one exchange needs; shared by all connections.
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub upstream: UpstreamTarget,
     pub upstreams: Upstreams<UploadBody>,
     pub host_mode: HostMode,
@@ -70,7 +71,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Handles one request. Never fails: every failure becomes a registry-style response.
-    pub async fn handle(
+    pub(crate) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         conn: ConnInfo,
@@ -147,7 +148,7 @@ impl Proxy {
             exchange.set_upload_expected(length);
         }
         if exchange.info().operation == Operation::ManifestPut {
-            body = body.capture(manifest::CAPTURE_LIMIT, declared);
+            body = body.capture(CAPTURE_LIMIT, declared);
         }
         let sends_body = !http_body::Body::is_end_stream(&body);
         // Held until the response head: the upstream connection is busy until then.
@@ -177,7 +178,7 @@ impl Proxy {
                 .stall_timeout(self.stall_timeout)
                 .drain(conn.drain.clone());
         if capture {
-            body = body.capture(manifest::CAPTURE_LIMIT, declared);
+            body = body.capture(CAPTURE_LIMIT, declared);
         }
         Ok(Response::from_parts(parts, Either::Left(body)))
     }

@@ -15,24 +15,25 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin::Admin;
-use crate::buffers::{self, Slots};
-use crate::headers;
+use crate::body::Drain;
+use crate::limits::buffers::{self, Slots};
 use crate::metrics::Counted;
-use crate::proxy::{ConnInfo, Proxy};
-use crate::socket::{Watch, Watched};
-use crate::timed_body::{Drain, Side};
+use crate::presentation::admin::Admin;
+use crate::protocol::Side;
+use crate::wire::headers;
+use crate::wire::proxy::{ConnInfo, Proxy};
+use crate::wire::socket::{Watch, Watched};
 
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Limits that keep one client from hurting the others.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
-    /// Client connections at a time whose reads may be large (see [`crate::buffers`]).
+    /// Client connections at a time whose reads may be large (see [`crate::limits::buffers`]).
     pub large_read_connections: usize,
     /// After shutdown begins, how long in-flight connections may finish.
     pub grace: Duration,
@@ -44,14 +45,14 @@ docker-distribution-api-version: registry/2.0\r\nretry-after: 1\r\nconnection: c
 {\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"regscope: too many connections, try again shortly\"}]}";
 
 /// What the proxy listener serves.
-pub struct ProxyListener {
+pub(crate) struct ProxyListener {
     pub listener: TcpListener,
     pub tls: Option<TlsAcceptor>,
 }
 
 /// Runs the proxy and admin listeners until `shutdown` resolves, then stops accepting and
 /// lets in-flight connections finish for up to `grace`.
-pub async fn run(
+pub(crate) async fn run(
     proxy_listener: ProxyListener,
     admin_listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -80,7 +81,7 @@ pub async fn run(
             },
             () = &mut shutdown => break,
         };
-        crate::socket::tune(&stream);
+        crate::wire::socket::tune(&stream);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tokio::spawn(refuse_overloaded(stream, proxy_listener.tls.is_some()));
             continue;

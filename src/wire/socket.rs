@@ -20,10 +20,10 @@ use crate::metrics::Counted;
 
 /// Unsent bytes a socket may hold: small enough that the time a peer takes to read them is
 /// noise (128 KiB is 1 ms at 1 Gbit/s), large enough to keep loopback throughput.
-pub const UNSENT_LOWAT: u32 = 128 * 1024;
+pub(crate) const UNSENT_LOWAT: u32 = 128 * 1024;
 
 /// No Nagle delay, and a bound on unsent bytes (Linux; elsewhere only `TCP_NODELAY`).
-pub fn tune(stream: &TcpStream) {
+pub(crate) fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
@@ -33,19 +33,19 @@ pub fn tune(stream: &TcpStream) {
 
 /// What a [`Watched`] connection tells its watcher. The watcher is dropped with the connection,
 /// so its own `Drop` is the "connection closed" hook.
-pub trait Watch {
+pub(crate) trait Watch {
     /// A flush succeeded (hyper flushes only once its write queue is empty).
     fn flushed(&self) {}
 }
 
 /// A connection's IO, passed through unchanged, with a watcher.
-pub struct Watched<T, W> {
+pub(crate) struct Watched<T, W> {
     io: T,
     watch: W,
 }
 
 impl<T, W: Watch> Watched<T, W> {
-    pub fn new(io: T, watch: W) -> Self {
+    pub(crate) fn new(io: T, watch: W) -> Self {
         Watched { io, watch }
     }
 }

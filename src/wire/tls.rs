@@ -9,7 +9,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::error::SetupError;
+use crate::wire::error::SetupError;
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, SetupError> {
     let shown = path.display().to_string();
@@ -23,7 +23,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, SetupError> {
 }
 
 /// The listener's TLS: the given chain and key, offering h2 and HTTP/1.1 by ALPN.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, SetupError> {
+pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, SetupError> {
     let chain = read_certs(cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| SetupError::Read {
         path: key.display().to_string(),
@@ -38,7 +38,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Setup
 }
 
 /// The upstream client's TLS: the system roots, plus `extra_ca` when given.
-pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, SetupError> {
+pub(crate) fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, SetupError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {

@@ -16,15 +16,15 @@ use prometheus::{Histogram, IntGauge};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::buffers::{Reads, Slots, Stream};
-use crate::error::SetupError;
+use crate::limits::buffers::{Reads, Slots, Stream};
 use crate::metrics::{Counted, Metrics, OpenClients};
-use crate::socket::Watched;
-use crate::timed_body::Side;
+use crate::protocol::Side;
+use crate::wire::error::SetupError;
+use crate::wire::socket::Watched;
 
 /// Where requests go: the parsed `--upstream`.
 #[derive(Debug, Clone)]
-pub struct UpstreamTarget {
+pub(crate) struct UpstreamTarget {
     pub scheme: Scheme,
     pub authority: Authority,
     /// The authority as a header value, for `--host-header upstream`.
@@ -34,7 +34,7 @@ pub struct UpstreamTarget {
 }
 
 impl UpstreamTarget {
-    pub fn parse(uri: &Uri) -> Result<Self, SetupError> {
+    pub(crate) fn parse(uri: &Uri) -> Result<Self, SetupError> {
         let bad = || SetupError::UpstreamUrl(uri.to_string());
         let scheme = uri.scheme().cloned().ok_or_else(bad)?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
@@ -50,7 +50,7 @@ impl UpstreamTarget {
     }
 
     /// The upstream URI for a request's path and query, kept byte for byte.
-    pub fn uri_for(&self, path_and_query: Option<&http::uri::PathAndQuery>) -> Result<Uri, http::Error> {
+    pub(crate) fn uri_for(&self, path_and_query: Option<&http::uri::PathAndQuery>) -> Result<Uri, http::Error> {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
@@ -69,13 +69,13 @@ const MAX_IDLE: usize = 64;
 /// round trip), where the pool would hold megabytes for the whole idle timeout.
 const LARGER_CLASS_IDLE: Duration = Duration::from_secs(2);
 
-pub type Connector = TimedConnector<HttpsConnector<HttpConnector>>;
-pub type UpstreamClient<B> = Client<Connector, B>;
+pub(crate) type Connector = TimedConnector<HttpsConnector<HttpConnector>>;
+pub(crate) type UpstreamClient<B> = Client<Connector, B>;
 
-/// The registry behind one pool per read class (see [`crate::buffers`]): each exchange takes
+/// The registry behind one pool per read class (see [`crate::limits::buffers`]): each exchange takes
 /// a connection of the largest class the load allows (exchanges in flight, and open client
 /// connections when there are many).
-pub struct Upstreams<B> {
+pub(crate) struct Upstreams<B> {
     /// By class, from the largest.
     pools: Vec<Pool<B>>,
     slots: Slots,
@@ -96,7 +96,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// `large_slots` exchanges at a time may read about 1 MiB at once.
-    pub fn new(
+    pub(crate) fn new(
         tls: rustls::ClientConfig,
         connect_timeout: Duration,
         idle_timeout: Duration,
@@ -124,7 +124,7 @@ where
 
     /// The client for a new exchange, and the stream it counts as until the exchange is over.
     /// `sends_body`: the request has a body to forward.
-    pub fn pick(&self, sends_body: bool) -> (&UpstreamClient<B>, Stream) {
+    pub(crate) fn pick(&self, sends_body: bool) -> (&UpstreamClient<B>, Stream) {
         let stream = self.slots.start_with_open(self.clients_open.now());
         let pool = &self.pools[stream.class()];
         let client = match &pool.sending {
@@ -136,7 +136,7 @@ where
 }
 
 /// A pooled client that reads small, for the admin port's readiness probe.
-pub fn probe_client<B>(
+pub(crate) fn probe_client<B>(
     tls: rustls::ClientConfig,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -190,7 +190,7 @@ where
 
 /// Times each new upstream connection (TCP and TLS) and counts the open ones.
 #[derive(Clone)]
-pub struct TimedConnector<C> {
+pub(crate) struct TimedConnector<C> {
     inner: C,
     connect_seconds: Histogram,
     open: IntGauge,
@@ -221,7 +221,7 @@ where
         Box::pin(async move {
             let io = connecting.await.map_err(Into::into)?;
             histogram.observe(started.elapsed().as_secs_f64());
-            crate::socket::tune(match &io {
+            crate::wire::socket::tune(match &io {
                 MaybeHttpsStream::Http(tcp) => tcp.inner(),
                 MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().inner(),
             });
@@ -251,12 +251,12 @@ mod tests {
     #[tokio::test]
     async fn busy_exchanges_with_a_body_take_the_pool_that_bounds_its_write_queue() {
         let metrics = Metrics::new(0);
-        let tls = crate::tls::client_config(None).unwrap();
+        let tls = crate::wire::tls::client_config(None).unwrap();
         let upstreams: Upstreams<http_body_util::Empty<bytes::Bytes>> =
             Upstreams::new(tls, Duration::from_secs(1), Duration::from_secs(90), &metrics, 4);
         let classes = Slots::new(4).classes();
         let smallest = classes.len() - 1;
-        let open = metrics.connection_gauge(crate::timed_body::Side::Client);
+        let open = metrics.connection_gauge(crate::protocol::Side::Client);
         // (client connections open, sends a body) -> a pool of its own?
         for ((clients_open, sends_body), own_pool) in
             [((1, true), false), ((1, false), false), ((100, true), true), ((100, false), false)]

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use regscope::transfers::{Transfer, TransferDirection};
+use regscope::{Transfer, TransferDirection};
 
 use super::client::{Conn, ResponseHead};
 use super::net::{free_port, http_get};
@@ -307,8 +307,8 @@ impl Drop for V1Registry {
 /// `t` has exactly one blob per entry of `expected` (`manifest_blobs` order: config, then layers),
 /// each with the kind, byte count and declared size the registry stored, and `outcome`; and no
 /// other blob.
-pub fn assert_blobs_match(t: &Transfer, expected: &[(String, u64)], outcome: regscope::transfers::BlobOutcome) {
-    use regscope::manifest::BlobKind;
+pub fn assert_blobs_match(t: &Transfer, expected: &[(String, u64)], outcome: regscope::BlobOutcome) {
+    use regscope::BlobKind;
     for (i, (digest, size)) in expected.iter().enumerate() {
         let kind = if i == 0 { BlobKind::Config } else { BlobKind::Layer };
         let found: Vec<_> = t.blobs.iter().filter(|b| b.digest.as_deref() == Some(digest.as_str())).collect();

@@ -1,0 +1,23 @@
+//! Recording: requests grouped into pushes and pulls, their upload phases, and the timeline
+//! that gives every instant of a transfer to exactly one party.
+
+mod model;
+mod phases;
+mod publish;
+mod results;
+mod session;
+mod timeline;
+mod tracker;
+
+pub(crate) use model::image_name;
+pub use model::{Blob, BlobOutcome, LiveTransfer, Transfer};
+pub use phases::UploadPhases;
+
+pub use timeline::{BodyView, RequestView, Split};
+pub(crate) use tracker::{spawn_sweeper, Tracker, TrackerConfig};
+
+/// The tracker's maps are looked up several times per request under its lock, so they hash with
+/// foldhash rather than SipHash. Its seeds are random per process and per map, so colliding
+/// repository names cannot be worked out ahead of time; and every table is capped anyway.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;

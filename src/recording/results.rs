@@ -1,0 +1,154 @@
+//! Building a finished transfer from a closed session: its blobs, phases and shares.
+
+use std::time::UNIX_EPOCH;
+
+use super::model::{Blob, BlobOutcome, Transfer};
+use super::phases::{is_upload_request, upload_outcome, upload_phases};
+use super::session::{Key, Session};
+use super::timeline::{attribute, RequestView, Split};
+use crate::protocol::{Api, BlobKind, BlobRef, Operation};
+use crate::protocol::{Outcome, TransferDirection};
+
+/// Builds the finished transfer from a closed session.
+pub(crate) fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transfer {
+    let mut requests: Vec<RequestView> = s.records.iter().map(|r| RequestView::new(r, s.base)).collect();
+    requests.sort_by(|a, b| a.start.total_cmp(&b.start));
+    let wall = requests.iter().map(|r| r.end).fold(0.0, f64::max);
+    let parties = attribute(&requests, wall);
+    let outcome = s.outcome.unwrap_or(if s.failed || requests.iter().any(|r| r.aborted_by.is_some()) {
+        Outcome::Failed
+    } else {
+        Outcome::Incomplete
+    });
+    let blobs = match key.direction {
+        TransferDirection::Push => push_blobs(&requests, &s.expected, idle_closed),
+        TransferDirection::Pull => pull_blobs(&requests, &s.expected),
+    };
+    let bytes = requests
+        .iter()
+        .map(|r| match key.direction {
+            TransferDirection::Push => r.bytes_in(),
+            TransferDirection::Pull => r.bytes_out(),
+        })
+        .sum();
+    Transfer {
+        id: 0,
+        direction: key.direction,
+        outcome,
+        api: s.api,
+        repository: key.repository.to_string(),
+        tag: s.tag,
+        client: key.client.to_string(),
+        started_unix_ms: s.started_wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        wall_seconds: wall,
+        parties,
+        bytes,
+        blobs,
+        requests,
+        requests_dropped: s.dropped,
+    }
+}
+
+/// A blob's 1-based position among the manifest's layers, so a layer has the same number in
+/// the push and the pull of one image.
+pub(crate) fn layer_number(expected: &[BlobRef], digest: Option<&str>) -> Option<usize> {
+    let digest = digest?;
+    let mut layers = expected.iter().filter(|b| b.kind == BlobKind::Layer);
+    layers.position(|b| b.digest == digest).map(|i| i + 1)
+}
+
+pub(crate) fn kind_and_size(expected: &[BlobRef], digest: Option<&str>) -> (Option<BlobKind>, Option<u64>) {
+    digest.and_then(|d| expected.iter().find(|b| b.digest == d)).map_or((None, None), |b| (Some(b.kind), b.size))
+}
+
+/// Push: one blob per upload (v2: by upload id; v1: by image id), in order of first request.
+pub(crate) fn push_blobs(requests: &[RequestView], expected: &[BlobRef], idle_closed: bool) -> Vec<Blob> {
+    let mut groups: Vec<(String, Vec<&RequestView>)> = Vec::new();
+    for r in requests.iter().filter(|r| is_upload_request(r.operation)) {
+        let group = match r.operation {
+            Operation::V1ImageJsonPut | Operation::V1LayerPut | Operation::V1ChecksumPut => r.reference.clone(),
+            // A mount that succeeded has no upload id: the digest names it.
+            _ => r.upload_id.clone().or_else(|| r.digest.clone()),
+        };
+        let Some(group) = group else { continue };
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, members)) => members.push(r),
+            None => groups.push((group, vec![r])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(group, members)| {
+            let phases = upload_phases(&members);
+            let v1 = members.iter().any(|r| r.operation.api() == Api::V1);
+            let digest = if v1 {
+                Some(group)
+            } else {
+                members
+                    .iter()
+                    .filter(|r| matches!(r.operation, Operation::UploadFinish | Operation::BlobMount))
+                    .find_map(|r| r.digest.clone())
+            };
+            let (kind, declared_size) = kind_and_size(expected, digest.as_deref());
+            Blob {
+                kind,
+                declared_size,
+                layer: layer_number(expected, digest.as_deref()),
+                bytes: phases.bytes,
+                outcome: upload_outcome(&members, idle_closed).into(),
+                start: members.iter().map(|r| r.start).fold(f64::INFINITY, f64::min),
+                end: members.iter().map(|r| r.end).fold(0.0, f64::max),
+                split: phases.transfer_split,
+                phases: Some(phases),
+                metadata_seconds: 0.0,
+                digest,
+            }
+        })
+        .collect()
+}
+
+/// Pull: one blob per fetched digest (v1: per image, json then layer).
+pub(crate) fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<Blob> {
+    let mut blobs: Vec<Blob> = Vec::new();
+    for r in requests {
+        let (id, is_metadata) = match r.operation {
+            Operation::BlobGet => (r.digest.clone(), false),
+            Operation::V1LayerGet => (r.reference.clone(), false),
+            Operation::V1ImageJsonGet => (r.reference.clone(), true),
+            _ => continue,
+        };
+        let Some(id) = id else { continue };
+        let index = match blobs.iter().position(|b| b.digest.as_deref() == Some(id.as_str())) {
+            Some(i) => i,
+            None => {
+                let (kind, declared_size) = kind_and_size(expected, Some(&id));
+                blobs.push(Blob {
+                    layer: layer_number(expected, Some(&id)),
+                    digest: Some(id),
+                    kind,
+                    bytes: 0,
+                    declared_size,
+                    outcome: BlobOutcome::Failed,
+                    start: r.start,
+                    end: r.end,
+                    phases: None,
+                    metadata_seconds: 0.0,
+                    split: Split::default(),
+                });
+                blobs.len() - 1
+            }
+        };
+        let blob = &mut blobs[index];
+        blob.end = blob.end.max(r.end);
+        if is_metadata {
+            blob.metadata_seconds += r.duration();
+            continue;
+        }
+        blob.bytes += r.bytes_out();
+        blob.split.add(r.split());
+        if r.succeeded() {
+            blob.outcome = BlobOutcome::Fetched;
+        }
+    }
+    blobs
+}

@@ -1,0 +1,229 @@
+//! One transfer in progress, and the rules that say when it is over.
+//!
+//! A push ends with its manifest `PUT` by tag (v1: the repository images `PUT`); a pull is
+//! anchored on the manifests it fetched (v1: the ancestry) and ends when every blob they name
+//! has been fetched. Anything else ends when the tracker closes it as idle.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Weak};
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+use super::model::LiveTransfer;
+use super::{HashMap, HashSet};
+use crate::body::{Exchange, ExchangeRecord, LiveExchange};
+use crate::protocol::{Api, BlobRef, ManifestRefs, Operation, Outcome, TransferDirection};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    pub(crate) client: IpAddr,
+    pub(crate) repository: Arc<str>,
+    pub(crate) direction: TransferDirection,
+}
+
+/// A transfer in progress.
+pub(crate) struct Session {
+    pub(crate) api: Api,
+    pub(crate) started_wall: SystemTime,
+    /// First request received: the origin of all offsets.
+    pub(crate) base: Instant,
+    pub(crate) last_activity: Instant,
+    /// Requests on the wire now, for idleness and live views.
+    pub(crate) in_flight: HashMap<u64, Weak<Exchange>>,
+    pub(crate) records: Vec<ExchangeRecord>,
+    pub(crate) dropped: u64,
+    pub(crate) tag: Option<String>,
+    /// Blobs the parsed manifests name (pull), or the pushed manifest names (push).
+    pub(crate) expected: Vec<BlobRef>,
+    /// Image manifests parsed (pull): completion needs at least one.
+    pub(crate) manifests_seen: usize,
+    /// v1 pull: image ids from the ancestry.
+    pub(crate) expected_images: Vec<String>,
+    pub(crate) fetched: HashSet<String>,
+    /// A request failed in a way that dooms the transfer if nothing else happens.
+    pub(crate) failed: bool,
+    pub(crate) outcome: Option<Outcome>,
+}
+
+impl Session {
+    pub(crate) fn new(api: Api, now: Instant) -> Session {
+        Session {
+            api,
+            started_wall: SystemTime::now(),
+            base: now,
+            last_activity: now,
+            in_flight: HashMap::default(),
+            records: Vec::new(),
+            dropped: 0,
+            tag: None,
+            expected: Vec::new(),
+            manifests_seen: 0,
+            expected_images: Vec::new(),
+            fetched: HashSet::default(),
+            failed: false,
+            outcome: None,
+        }
+    }
+
+    /// What this session looks like now, with what each of its requests on the wire has moved.
+    pub(crate) fn live(&self, key: &Key, now: Instant) -> LiveTransfer {
+        let mut requests: Vec<LiveExchange> =
+            self.in_flight.values().filter_map(Weak::upgrade).map(|e| e.live(now)).collect();
+        requests.sort_by_key(|r| r.id);
+        for r in &mut requests {
+            if r.expected.is_none() {
+                r.expected =
+                    self.expected.iter().find(|b| Some(b.digest.as_str()) == r.digest.as_deref()).and_then(|b| b.size);
+            }
+        }
+        let moved = |r: &ExchangeRecord| {
+            let body = match key.direction {
+                TransferDirection::Push => r.upload.as_ref(),
+                TransferDirection::Pull => r.download.as_ref(),
+            };
+            body.map_or(0, |b| b.bytes)
+        };
+        LiveTransfer {
+            direction: key.direction,
+            api: self.api,
+            repository: key.repository.to_string(),
+            tag: self.tag.clone(),
+            client: key.client.to_string(),
+            elapsed: now.saturating_duration_since(self.base).as_secs_f64(),
+            requests_done: self.records.len() as u64 + self.dropped,
+            bytes_done: self.records.iter().map(moved).sum(),
+            in_flight: requests,
+        }
+    }
+}
+
+/// Which way an operation moves an image, if it is part of one at all.
+pub(crate) fn direction_of(op: Operation) -> Option<TransferDirection> {
+    use Operation::*;
+    use TransferDirection::*;
+    match op {
+        UploadStart
+        | UploadStartMonolithic
+        | BlobMount
+        | UploadChunk
+        | UploadFinish
+        | UploadStatus
+        | UploadCancel
+        | BlobHead
+        | ManifestPut
+        | V1RepositoryPut
+        | V1ImageJsonPut
+        | V1LayerPut
+        | V1ChecksumPut
+        | V1TagPut
+        | V1RepositoryImagesPut => Some(Push),
+        ManifestGet | ManifestHead | BlobGet | V1RepositoryImagesGet | V1TagsGet | V1AncestryGet | V1LayerGet => {
+            Some(Pull)
+        }
+        _ => None,
+    }
+}
+
+pub(crate) fn is_v1_image_op(op: Operation) -> bool {
+    use Operation::*;
+    matches!(op, V1ImageJsonGet | V1ImageJsonPut | V1LayerGet | V1LayerPut | V1ChecksumPut | V1AncestryGet)
+}
+
+/// Blobs a session expects, each once and at most `MAX_EXPECTED`: a client that fetches the same
+/// manifest over and over must not grow the session.
+pub(crate) fn expect(s: &mut Session, blobs: &[BlobRef]) {
+    for blob in blobs {
+        if s.expected.len() >= MAX_EXPECTED {
+            return;
+        }
+        if !s.expected.iter().any(|b| b.digest == blob.digest) {
+            s.expected.push(blob.clone());
+        }
+    }
+}
+
+/// Blobs one transfer may expect: far above any real image (a few hundred layers), far below
+/// what would matter for memory.
+pub(crate) const MAX_EXPECTED: usize = 4096;
+
+/// Applies one finished request to its session: what it tells about the transfer's end.
+pub(crate) fn update(
+    s: &mut Session,
+    r: &ExchangeRecord,
+    manifest: Option<Arc<ManifestRefs>>,
+    ancestry: Option<Vec<String>>,
+) {
+    use Operation::*;
+    let ok = r.status.is_some_and(|c| (200..400).contains(&c)) && r.aborted_by().is_none();
+    let by_tag = r.reference.as_deref().filter(|reference| !reference.contains(':'));
+    match r.operation {
+        ManifestPut => {
+            if let Some(refs) = manifest {
+                expect(s, &refs.blobs);
+            }
+            if ok {
+                if let Some(tag) = by_tag {
+                    s.tag = Some(tag.to_owned());
+                    s.outcome = Some(Outcome::Complete);
+                }
+            } else {
+                s.outcome = Some(Outcome::Failed);
+            }
+        }
+        V1TagPut if ok => s.tag = r.reference.as_deref().map(str::to_owned),
+        V1RepositoryImagesPut => s.outcome = Some(if ok { Outcome::Complete } else { Outcome::Failed }),
+        ManifestGet | ManifestHead => {
+            if let Some(tag) = by_tag {
+                s.tag = Some(tag.to_owned());
+            }
+            if let Some(refs) = manifest {
+                if !refs.blobs.is_empty() {
+                    s.manifests_seen += 1;
+                    expect(s, &refs.blobs);
+                }
+            }
+            // A missing tag or manifest ends a pull that has nothing else going on. A failed
+            // HEAD is only a probe: clients follow it with a GET, which decides.
+            if !ok && s.manifests_seen == 0 {
+                s.failed = true;
+                if r.operation == ManifestGet {
+                    s.outcome = Some(Outcome::Failed);
+                }
+            }
+        }
+        BlobGet if ok => {
+            if let Some(digest) = &r.digest {
+                s.fetched.insert(digest.to_string());
+            }
+        }
+        V1AncestryGet => {
+            if let Some(ids) = ancestry {
+                s.expected_images = ids;
+            }
+        }
+        V1LayerGet if ok => {
+            if let Some(id) = &r.reference {
+                s.fetched.insert(id.to_string());
+            }
+        }
+        _ => {}
+    }
+    let all_fetched = |wanted: &mut dyn Iterator<Item = &String>| {
+        let mut any = false;
+        for w in wanted {
+            any = true;
+            if !s.fetched.contains(w) {
+                return false;
+            }
+        }
+        any
+    };
+    if s.outcome.is_none() {
+        let v2_done = s.manifests_seen > 0 && all_fetched(&mut s.expected.iter().map(|b| &b.digest));
+        let v1_done = all_fetched(&mut s.expected_images.iter());
+        if v2_done || v1_done {
+            s.outcome = Some(Outcome::Complete);
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The wire: listeners and TLS, one exchange forwarded end to end, the upstream pool, header
+//! and `Location` rewriting, and the errors a client sees when the registry cannot answer.
+
+pub(crate) mod error;
+pub mod headers;
+pub(crate) mod proxy;
+pub(crate) mod server;
+pub(crate) mod socket;
+pub(crate) mod tls;
+pub(crate) mod upstream;
