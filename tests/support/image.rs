@@ -2,7 +2,8 @@
 //! which both `docker load` and skopeo's `docker-archive:` transport read.
 //!
 //! Random layers cannot be compressed, so the bytes on the wire are the bytes asked for; and no two
-//! images share a layer, so a pull never finds one already present in the shared daemon.
+//! images share a layer, so a pull never finds one already present in the shared daemon, unless a
+//! test builds one on another with [`TestImage::extend`].
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -35,6 +36,8 @@ pub struct TestImage {
     /// `sha256:` of the config JSON: the image ID docker reports, before a push and after a pull.
     pub image_id: String,
     pub layers: Vec<LayerInfo>,
+    /// Each layer's tar, kept for images built on this one.
+    layer_files: Vec<PathBuf>,
     /// Keeps the archive alive.
     _dir: TempDir,
 }
@@ -44,11 +47,30 @@ impl TestImage {
     /// each, at least one layer). Streams to disk, so sizes of hundreds of MiB cost no memory.
     pub fn build(reference: &str, layer_sizes: &[u64]) -> TestImage {
         assert!(!layer_sizes.is_empty(), "an image needs at least one layer");
+        Self::assemble(reference, &[], layer_sizes)
+    }
+
+    /// An image tagged `reference` with this image's layers, the same bytes, and one more random
+    /// layer per entry of `layer_sizes` on top: a pull of it after a pull of this one needs only
+    /// the new layers.
+    pub fn extend(&self, reference: &str, layer_sizes: &[u64]) -> TestImage {
+        let base: Vec<(PathBuf, LayerInfo)> =
+            self.layer_files.iter().cloned().zip(self.layers.iter().cloned()).collect();
+        Self::assemble(reference, &base, layer_sizes)
+    }
+
+    fn assemble(reference: &str, base: &[(PathBuf, LayerInfo)], layer_sizes: &[u64]) -> TestImage {
         let dir = TempDir::new("image");
         let mut random = XorShift::seeded();
         let mut layers = Vec::new();
         let mut layer_files = Vec::new();
-        for (index, &size) in layer_sizes.iter().enumerate() {
+        for (index, (file, info)) in base.iter().enumerate() {
+            let path = dir.path().join(format!("layer{index}.tar"));
+            std::fs::copy(file, &path).unwrap();
+            layers.push(info.clone());
+            layer_files.push(path);
+        }
+        for (index, &size) in (base.len()..).zip(layer_sizes) {
             let path = dir.path().join(format!("layer{index}.tar"));
             let mut tar = tar::Builder::new(HashingWriter::new(File::create(&path).unwrap()));
             let mut header = tar::Header::new_gnu();
@@ -87,7 +109,6 @@ impl TestImage {
         let mut tar = tar::Builder::new(File::create(&archive).unwrap());
         for (file, name) in layer_files.iter().zip(&layer_names) {
             tar.append_path_with_name(file, name).unwrap();
-            std::fs::remove_file(file).unwrap();
         }
         append_bytes(&mut tar, &format!("{config_hex}.json"), &config);
         append_bytes(&mut tar, "manifest.json", &manifest);
@@ -98,6 +119,7 @@ impl TestImage {
             reference: reference.to_string(),
             image_id: format!("sha256:{config_hex}"),
             layers,
+            layer_files,
             _dir: dir,
         }
     }
