@@ -126,6 +126,11 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_TRANSFER_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub transfer_idle_timeout: Duration,
 
+    /// A pull whose manifest is resolved ends once no request of it came for this long: clients
+    /// fetch only the blobs they lack, and the last one they need ends the pull.
+    #[arg(long, env = "REGSCOPE_PULL_SETTLE", default_value = "1s", value_parser = parse_duration)]
+    pub pull_settle: Duration,
+
     /// How many finished pushes and pulls to keep for the transfers API and `report`.
     #[arg(long, env = "REGSCOPE_KEEP_TRANSFERS", default_value_t = 1000)]
     pub keep_transfers: usize,

@@ -65,6 +65,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         TrackerConfig {
             idle_timeout: config.transfer_idle_timeout,
             keep_finished: config.keep_transfers.max(1),
+            pull_settle: config.pull_settle,
             ..TrackerConfig::default()
         },
         metrics.clone(),
@@ -89,7 +90,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     });
     let probe =
         upstream::probe_client(tls_client, config.upstream_connect_timeout, config.upstream_idle_timeout, &metrics);
-    let transfers_api = (!config.disable_transfers_api).then_some(tracker);
+    let transfers_api = (!config.disable_transfers_api).then(|| tracker.clone());
     let mut admin = Admin::new(metrics, probe, upstream.clone(), transfers_api);
     admin.ui = !config.no_ui;
     let admin = Arc::new(admin);
@@ -115,5 +116,6 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         grace: config.shutdown_grace,
     };
     server::run(listener, admin_listener, proxy, admin, limits, shutdown).await;
+    tracker.close_all();
     Ok(())
 }

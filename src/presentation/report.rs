@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use crate::protocol::BlobKind;
 use crate::protocol::TransferDirection;
 use crate::protocol::{Api, Operation};
-use crate::recording::{Blob, Transfer};
+use crate::recording::{Blob, BlobOutcome, Transfer};
 
 /// One row of the table.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +61,12 @@ pub(crate) fn rows(t: &Transfer) -> Vec<Row> {
         let name = blob_name(blob, layer_index);
         if blob.kind != Some(BlobKind::Config) {
             layer_index += 1;
+        }
+        if blob.outcome == BlobOutcome::Present {
+            let size = blob.declared_size.map(|n| format!(" ({})", bytes(n))).unwrap_or_default();
+            let row = Row { operation: format!("present {name}{size}"), seconds: 0.0, split: None };
+            out.push((blob.start, 0, row));
+            continue;
         }
         let size = format!(" ({})", bytes(blob.bytes));
         let mut push = |i: usize, operation: String, seconds: f64, split| {
@@ -133,6 +139,14 @@ pub(crate) fn idle_intervals(t: &Transfer) -> Vec<(f64, f64)> {
     idle
 }
 
+/// "fetched 1 of 3 layers (2 already present)", for a pull that found layers on its client.
+fn layers_fetched(t: &Transfer) -> Option<String> {
+    let layers = || t.blobs.iter().filter(|b| b.kind == Some(BlobKind::Layer));
+    let present = layers().filter(|b| b.outcome == BlobOutcome::Present).count();
+    let fetched = layers().filter(|b| b.outcome == BlobOutcome::Fetched).count();
+    (present > 0).then(|| format!("fetched {fetched} of {} layers ({present} already present)", layers().count()))
+}
+
 /// The one-line verdict: where this transfer's time went.
 pub(crate) fn verdict(t: &Transfer) -> String {
     let wall = t.wall_seconds;
@@ -145,7 +159,8 @@ pub(crate) fn verdict(t: &Transfer) -> String {
         TransferDirection::Pull => "reading slowly (extracting), or idle between requests",
     };
     format!(
-        "{:.0} % of this {} was spent in the client ({client_doing}), {:.0} % in the registry, {:.0} % moving bytes",
+        "{}{:.0} % of this {} was spent in the client ({client_doing}), {:.0} % in the registry, {:.0} % moving bytes",
+        layers_fetched(t).map(|s| s + "; ").unwrap_or_default(),
         pct(t.parties.client),
         t.direction.as_str(),
         pct(t.parties.registry),

@@ -1,11 +1,14 @@
 //! Recording: requests grouped into pushes and pulls, their upload phases, and the timeline
 //! that gives every instant of a transfer to exactly one party.
 
+mod manifests;
 mod model;
 mod phases;
 mod publish;
 mod results;
 mod session;
+#[cfg(test)]
+mod tests;
 mod timeline;
 mod tracker;
 

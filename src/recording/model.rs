@@ -17,6 +17,8 @@ pub enum BlobOutcome {
     Failed,
     Abandoned,
     Fetched,
+    /// Named by the pull's manifest but not fetched: the client had it already.
+    Present,
 }
 
 impl From<UploadOutcome> for BlobOutcome {

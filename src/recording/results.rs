@@ -22,7 +22,13 @@ pub(crate) fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transf
     });
     let blobs = match key.direction {
         TransferDirection::Push => push_blobs(&requests, &s.expected, idle_closed),
-        TransferDirection::Pull => pull_blobs(&requests, &s.expected),
+        TransferDirection::Pull => {
+            let mut blobs = pull_blobs(&requests, &s.expected);
+            if outcome == Outcome::Complete {
+                add_present(&mut blobs, &s.expected);
+            }
+            blobs
+        }
     };
     let bytes = requests
         .iter()
@@ -151,4 +157,26 @@ pub(crate) fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<
         }
     }
     blobs
+}
+
+/// A complete pull's blobs that its manifest names and it did not fetch: the client had them.
+fn add_present(blobs: &mut Vec<Blob>, expected: &[BlobRef]) {
+    for blob in expected {
+        if blobs.iter().any(|b| b.digest.as_deref() == Some(blob.digest.as_str())) {
+            continue;
+        }
+        blobs.push(Blob {
+            digest: Some(blob.digest.clone()),
+            kind: Some(blob.kind),
+            bytes: 0,
+            declared_size: blob.size,
+            layer: layer_number(expected, Some(&blob.digest)),
+            outcome: BlobOutcome::Present,
+            start: 0.0,
+            end: 0.0,
+            phases: None,
+            metadata_seconds: 0.0,
+            split: Split::default(),
+        });
+    }
 }

@@ -1,15 +1,20 @@
 //! One transfer in progress, and the rules that say when it is over.
 //!
-//! A push ends with its manifest `PUT` by tag (v1: the repository images `PUT`); a pull is
-//! anchored on the manifests it fetched (v1: the ancestry) and ends when every blob they name
-//! has been fetched. Anything else ends when the tracker closes it as idle.
+//! A push ends with its manifest `PUT` by tag (v1: the repository images `PUT`). A pull is
+//! anchored on the manifests it resolved (v1: the ancestry) and ends when every blob they name
+//! has been fetched, or, since clients fetch only the blobs they lack, when its manifest was
+//! resolved and nothing more came for the settle time (the tracker's sweep decides that). A
+//! manifest is resolved by a `GET`, or by a `HEAD` that names a digest: what that manifest names
+//! comes from the manifests regscope has seen before. Anything else ends when the tracker closes
+//! it as idle.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Weak};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use super::manifests::{manifest_digest, KnownManifests};
 use super::model::LiveTransfer;
 use super::{HashMap, HashSet};
 use crate::body::{Exchange, ExchangeRecord, LiveExchange};
@@ -43,6 +48,14 @@ pub(crate) struct Session {
     pub(crate) fetched: HashSet<String>,
     /// A request failed in a way that dooms the transfer if nothing else happens.
     pub(crate) failed: bool,
+    /// Pull: the registry answered for a manifest (or index) of it, so the pull may settle.
+    pub(crate) resolved: bool,
+    /// Pull: platform manifests an index names that regscope knows, when the client holds the
+    /// platform manifest itself; the one whose blob it fetches first is the one it pulls.
+    pub(crate) candidates: Vec<Arc<ManifestRefs>>,
+    /// A request of it failed (an error status other than an auth challenge or a `HEAD` probe's
+    /// 404, or a body cut off): a settled pull with one is `failed`, not `complete`.
+    pub(crate) request_failed: bool,
     pub(crate) outcome: Option<Outcome>,
 }
 
@@ -62,6 +75,9 @@ impl Session {
             expected_images: Vec::new(),
             fetched: HashSet::default(),
             failed: false,
+            resolved: false,
+            candidates: Vec::new(),
+            request_failed: false,
             outcome: None,
         }
     }
@@ -147,15 +163,59 @@ pub(crate) fn expect(s: &mut Session, blobs: &[BlobRef]) {
 /// what would matter for memory.
 pub(crate) const MAX_EXPECTED: usize = 4096;
 
+/// How many settle times a resolved pull that has fetched no blob yet (and had nothing fail) waits: before its first blob
+/// the client is still looking through its own store for what it lacks, which takes longer than
+/// the gap between two blobs (and longer still on a busy machine).
+const FIRST_BLOB_SETTLES: u32 = 5;
+
+impl Session {
+    /// How long this session must be quiet for its pull to be over, or `None` while it cannot
+    /// settle: a push, or a pull whose manifest is not resolved.
+    pub(crate) fn settles_after(&self, key: &Key, settle: Duration) -> Option<Duration> {
+        if key.direction != TransferDirection::Pull || !self.resolved {
+            return None;
+        }
+        let deciding = self.fetched.is_empty() && !self.request_failed;
+        Some(if deciding { settle * FIRST_BLOB_SETTLES } else { settle })
+    }
+}
+
+/// Platform manifests a session keeps as candidates: more than any index lists platforms.
+const MAX_CANDIDATES: usize = 64;
+
+/// The candidate platform manifest that names `digest`, if any, becomes the pull's manifest.
+fn adopt_candidate(s: &mut Session, digest: &str) {
+    if let Some(refs) = s.candidates.iter().find(|c| c.blobs.iter().any(|b| b.digest == digest)).cloned() {
+        s.manifests_seen += 1;
+        expect(s, &refs.blobs);
+        s.candidates.clear();
+    }
+}
+
+/// Whether a request failed as far as its transfer is concerned. A 401 is the challenge before
+/// a token, and a `HEAD` answered 404 is a probe: neither fails a transfer.
+fn request_failed(r: &ExchangeRecord) -> bool {
+    let probe = matches!(r.operation, Operation::ManifestHead | Operation::BlobHead);
+    r.aborted_by().is_some()
+        || match r.status {
+            Some(401) => false,
+            Some(404) => !probe,
+            Some(status) => status >= 400,
+            None => true,
+        }
+}
+
 /// Applies one finished request to its session: what it tells about the transfer's end.
 pub(crate) fn update(
     s: &mut Session,
     r: &ExchangeRecord,
     manifest: Option<Arc<ManifestRefs>>,
     ancestry: Option<Vec<String>>,
+    known: &KnownManifests,
 ) {
     use Operation::*;
     let ok = r.status.is_some_and(|c| (200..400).contains(&c)) && r.aborted_by().is_none();
+    s.request_failed |= request_failed(r);
     let by_tag = r.reference.as_deref().filter(|reference| !reference.contains(':'));
     match r.operation {
         ManifestPut => {
@@ -177,10 +237,23 @@ pub(crate) fn update(
             if let Some(tag) = by_tag {
                 s.tag = Some(tag.to_owned());
             }
-            if let Some(refs) = manifest {
+            // A HEAD carries no body: what it names is known if regscope saw the manifest before.
+            let digest = manifest_digest(r);
+            let refs = match manifest {
+                Some(refs) => Some(refs),
+                None if ok => digest.and_then(|d| known.get(d)).cloned(),
+                None => None,
+            };
+            s.resolved |= ok && (refs.is_some() || digest.is_some());
+            if let Some(refs) = refs {
                 if !refs.blobs.is_empty() {
                     s.manifests_seen += 1;
                     expect(s, &refs.blobs);
+                }
+                for child in &refs.manifests {
+                    if s.candidates.len() < MAX_CANDIDATES {
+                        s.candidates.extend(known.get(child).cloned());
+                    }
                 }
             }
             // A missing tag or manifest ends a pull that has nothing else going on. A failed
@@ -194,6 +267,9 @@ pub(crate) fn update(
         }
         BlobGet if ok => {
             if let Some(digest) = &r.digest {
+                if s.manifests_seen == 0 {
+                    adopt_candidate(s, digest);
+                }
                 s.fetched.insert(digest.to_string());
             }
         }

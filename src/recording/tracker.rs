@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::manifests::{manifest_digest, KnownManifests};
 use super::model::{LiveTransfer, Transfer};
 use super::publish::publish;
 use super::results::build_transfer;
@@ -23,8 +24,7 @@ use super::session::{direction_of, is_v1_image_op, update, Key, Session};
 use super::HashMap;
 use crate::body::{Exchange, ExchangeRecord, ExchangeSink};
 use crate::metrics::Metrics;
-use crate::protocol::TransferDirection;
-use crate::protocol::{parse_ancestry, Api, Operation, ParsedManifests};
+use crate::protocol::{parse_ancestry, Api, Operation, Outcome, ParsedManifests, TransferDirection};
 
 /// Limits and timeouts of the tracker.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +35,8 @@ pub(crate) struct TrackerConfig {
     pub max_requests: usize,
     /// Requests kept across all open sessions: bounds memory however many clients misbehave.
     pub max_total_requests: usize,
+    /// A pull whose manifest is resolved ends once nothing more came for this long.
+    pub pull_settle: Duration,
 }
 
 impl Default for TrackerConfig {
@@ -45,13 +47,14 @@ impl Default for TrackerConfig {
             max_open: 4096,
             max_requests: 4096,
             max_total_requests: 65_536,
+            pull_settle: Duration::from_secs(1),
         }
     }
 }
 
 #[derive(Default)]
-struct State {
-    open: HashMap<Key, Session>,
+pub(super) struct State {
+    pub(super) open: HashMap<Key, Session>,
     /// The v1 repository (and direction) each client is working on.
     v1_current: HashMap<IpAddr, (Arc<str>, TransferDirection)>,
     /// The session key of each in-flight exchange, decided when it started.
@@ -59,9 +62,11 @@ struct State {
     finished: VecDeque<Arc<Transfer>>,
     next_id: u64,
     /// Requests held by open sessions, against `max_total_requests`.
-    held_requests: usize,
+    pub(super) held_requests: usize,
     /// Requests held by finished transfers, against `max_total_requests` too.
-    finished_requests: usize,
+    pub(super) finished_requests: usize,
+    /// Manifests seen pushed or fetched, for pulls that only ask `HEAD`.
+    known: KnownManifests,
 }
 
 impl State {
@@ -86,7 +91,7 @@ impl Tracker {
         Tracker { state: Mutex::new(State::default()), manifests: ParsedManifests::new(), config, metrics }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -110,19 +115,48 @@ impl Tracker {
     }
 
     /// Closes sessions idle for longer than the idle timeout. Called periodically.
+    /// Closes pulls that have settled and sessions idle for longer than the idle timeout.
+    /// Called periodically.
     pub(crate) fn sweep(&self, now: Instant) {
-        let idle = self.config.idle_timeout;
-        let expired: Vec<(Key, Session)> = {
+        let (idle, settle) = (self.config.idle_timeout, self.config.pull_settle);
+        let over: Vec<(Key, Session, bool)> = {
             let mut state = self.lock();
-            let keys: Vec<Key> = state
+            let keys: Vec<(Key, bool)> = state
                 .open
                 .iter()
-                .filter(|(_, s)| s.in_flight.is_empty() && now.saturating_duration_since(s.last_activity) >= idle)
-                .map(|(k, _)| k.clone())
+                .filter(|(_, s)| s.in_flight.is_empty())
+                .filter_map(|(k, s)| {
+                    let quiet = now.saturating_duration_since(s.last_activity);
+                    let settled = s.settles_after(k, settle).is_some_and(|after| quiet >= after);
+                    (settled || quiet >= idle).then(|| (k.clone(), settled))
+                })
                 .collect();
+            keys.into_iter()
+                .filter_map(|(k, settled)| {
+                    let mut session = state.remove(&k)?;
+                    if settled {
+                        let failed = session.request_failed;
+                        session.outcome.get_or_insert(if failed { Outcome::Failed } else { Outcome::Complete });
+                    }
+                    Some((k, session, !settled))
+                })
+                .collect()
+        };
+        for (key, session, idle_closed) in over {
+            self.finish(key, session, idle_closed);
+        }
+    }
+
+    /// Closes every open session as `incomplete`: regscope is stopping, and what it saw of them
+    /// is recorded and logged like any other transfer rather than lost.
+    pub(crate) fn close_all(&self) {
+        let open: Vec<(Key, Session)> = {
+            let mut state = self.lock();
+            let keys: Vec<Key> = state.open.keys().cloned().collect();
             keys.into_iter().filter_map(|k| state.remove(&k).map(|s| (k, s))).collect()
         };
-        for (key, session) in expired {
+        for (key, mut session) in open {
+            session.outcome = Some(Outcome::Incomplete);
             self.finish(key, session, true);
         }
     }
@@ -243,11 +277,16 @@ impl ExchangeSink for Tracker {
                 },
             };
             evicted = self.open_session(state, &key, record.api, now);
+            if let (Some(refs), Some(200..=299)) = (&parsed_manifest, record.status) {
+                if let Some(digest) = manifest_digest(&record) {
+                    state.known.remember(digest, refs.clone());
+                }
+            }
             let session = state.open.get_mut(&key).expect("open_session leaves it open");
             session.in_flight.remove(&record.id);
             session.last_activity = now;
             session.base = session.base.min(record.received);
-            update(session, &record, parsed_manifest, ancestry);
+            update(session, &record, parsed_manifest, ancestry, &state.known);
             if session.records.len() < self.config.max_requests && state.held_requests < self.config.max_total_requests
             {
                 record.captured = None;
@@ -273,7 +312,8 @@ impl ExchangeSink for Tracker {
 /// Periodically closes idle sessions, until the tracker is dropped.
 pub(crate) fn spawn_sweeper(tracker: &Arc<Tracker>) {
     let weak = Arc::downgrade(tracker);
-    let period = (tracker.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let shortest = tracker.config.idle_timeout.min(tracker.config.pull_settle);
+    let period = (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         loop {
@@ -282,149 +322,4 @@ pub(crate) fn spawn_sweeper(tracker: &Arc<Tracker>) {
             tracker.sweep(Instant::now());
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::body::BodyOutcome;
-    use crate::body::ResponseInfo;
-    use crate::protocol::{BlobKind, Outcome};
-    use crate::protocol::{BodyEnd, Direction};
-    use crate::recording::BlobOutcome;
-
-    fn record(id: u64, op: Operation, repo: &str, at: Instant, secs: f64, status: u16) -> ExchangeRecord {
-        let end = at + Duration::from_secs_f64(secs);
-        ExchangeRecord {
-            id,
-            api: op.api(),
-            operation: op,
-            method: http::Method::GET,
-            repository: Some(repo.into()),
-            reference: None,
-            digest: None,
-            upload_id: None,
-            client: "10.0.0.7:40000".parse().unwrap(),
-            status: Some(status),
-            received: at,
-            forwarded: Some(at),
-            response_head: Some(end),
-            ended: end,
-            upload: None,
-            download: None,
-            upstream_error: None,
-            response_info: ResponseInfo::default(),
-            captured: None,
-        }
-    }
-
-    fn body(direction: Direction, bytes: u64, from: Instant, to: Instant) -> Option<BodyOutcome> {
-        Some(BodyOutcome {
-            direction,
-            bytes,
-            first_poll: Some(from),
-            last_byte: Some(to),
-            ended: to,
-            source_wait: Duration::ZERO,
-            sink_wait: Duration::ZERO,
-            end: BodyEnd::Complete,
-        })
-    }
-
-    fn tracker(config: TrackerConfig) -> Tracker {
-        Tracker::new(config, Arc::new(Metrics::new(0)))
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_docker_style_push_becomes_one_complete_transfer() {
-        let t = tracker(TrackerConfig::default());
-        let t0 = Instant::now();
-        let at = |s: f64| t0 + Duration::from_secs_f64(s);
-        let mut post = record(1, Operation::UploadStart, "team/app", at(0.0), 0.1, 202);
-        post.response_info.upload_uuid = Some("u-1".into());
-        let mut patch = record(2, Operation::UploadChunk, "team/app", at(0.2), 2.0, 202);
-        patch.upload_id = Some("u-1".into());
-        patch.upload = body(Direction::Upload, 1000, at(0.2), at(2.1));
-        let mut put = record(3, Operation::UploadFinish, "team/app", at(2.3), 0.2, 201);
-        put.upload_id = Some("u-1".into());
-        put.digest = Some("sha256:aa".into());
-        let mut manifest = record(4, Operation::ManifestPut, "team/app", at(2.6), 0.1, 201);
-        manifest.reference = Some("v1".into());
-        manifest.captured = Some(
-            br#"{"config":{"digest":"sha256:cc","size":5},"layers":[{"digest":"sha256:aa","size":1000}]}"#.to_vec(),
-        );
-        for r in [post, patch, put] {
-            t.finished(r);
-            assert!(t.recent(10).is_empty(), "not over before the manifest");
-        }
-        t.finished(manifest);
-        let done = t.recent(10);
-        assert_eq!(done.len(), 1);
-        let push = &done[0];
-        assert_eq!(
-            (push.direction, push.outcome, push.tag.as_deref()),
-            (TransferDirection::Push, Outcome::Complete, Some("v1"))
-        );
-        assert_eq!(push.blobs.len(), 1);
-        let blob = &push.blobs[0];
-        assert_eq!((blob.digest.as_deref(), blob.kind, blob.bytes), (Some("sha256:aa"), Some(BlobKind::Layer), 1000));
-        assert_eq!(blob.outcome, BlobOutcome::Committed);
-        assert!((push.parties.total() - push.wall_seconds).abs() < 1e-9);
-        assert_eq!(push.client, "10.0.0.7");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_sessions_close_as_incomplete_and_memory_stays_bounded() {
-        let config = TrackerConfig { max_requests: 10, max_total_requests: 25, ..TrackerConfig::default() };
-        let t = tracker(config);
-        let t0 = Instant::now();
-        for i in 0..40u64 {
-            let repo = format!("r{}", i % 2);
-            t.finished(record(i, Operation::BlobGet, &repo, t0, 0.01, 200));
-        }
-        assert_eq!(t.lock().held_requests, 20, "each session keeps at most max_requests");
-        t.finished(record(100, Operation::BlobGet, "r3", t0, 0.01, 200));
-        t.finished(record(101, Operation::BlobGet, "r4", t0, 0.01, 200));
-        t.finished(record(102, Operation::BlobGet, "r5", t0, 0.01, 200));
-        t.finished(record(103, Operation::BlobGet, "r6", t0, 0.01, 200));
-        t.finished(record(104, Operation::BlobGet, "r7", t0, 0.01, 200));
-        t.finished(record(105, Operation::BlobGet, "r8", t0, 0.01, 200));
-        assert_eq!(t.lock().held_requests, 25, "never more than max_total_requests");
-        t.sweep(t0 + Duration::from_secs(121));
-        assert_eq!(t.lock().held_requests, 0);
-        let closed = t.recent(100);
-        assert_eq!(closed.len(), 8);
-        assert!(closed.iter().all(|c| c.outcome == Outcome::Incomplete));
-        let r0 = closed.iter().find(|c| c.repository == "r0").unwrap();
-        assert_eq!((r0.requests.len(), r0.requests_dropped), (10, 10));
-
-        // Finished transfers keep their requests for the waterfall, within the same bound: the
-        // oldest give way.
-        for i in 0..10u64 {
-            t.finished(record(200 + i, Operation::BlobGet, "r9", t0, 0.01, 200));
-        }
-        t.sweep(t0 + Duration::from_secs(400));
-        let kept = t.recent(100);
-        let held: usize = kept.iter().map(|c| c.requests.len()).sum();
-        assert!((16..=25).contains(&held), "{held}: the bound, less at most one evicted transfer's worth");
-        assert!(kept.len() < 9, "older transfers made room for the new one");
-        assert!(kept.iter().any(|c| c.repository == "r9" && c.requests.len() == 10));
-        assert_eq!(t.lock().finished_requests, held);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn polling_one_manifest_does_not_grow_the_session() {
-        let t = tracker(TrackerConfig::default());
-        let t0 = Instant::now();
-        let body = br#"{"config":{"digest":"sha256:c","size":1},"layers":[{"digest":"sha256:l","size":2}]}"#;
-        for id in 0..1000 {
-            let mut get = record(id, Operation::ManifestGet, "polled", t0, 0.001, 200);
-            get.reference = Some("latest".into());
-            get.captured = Some(body.to_vec());
-            t.finished(get);
-        }
-        let state = t.lock();
-        let session = state.open.values().next().unwrap();
-        assert_eq!(session.expected.len(), 2);
-    }
 }
