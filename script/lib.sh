@@ -12,6 +12,8 @@
 #   rs_track_pid PID NAME        have rs_cleanup stop PID (for other background processes)
 #   rs_track_dir DIR             have rs_cleanup unmount anything under DIR and remove it
 #   rs_cleanup                   stop what was tracked (newest first), remove tracked dirs
+#   rs_install_moto DIR          moto's S3 server in DIR/venv (from PyPI, once per DIR), for the
+#                                tests of registries on object storage
 #   rs_log MSG...                print a progress line on stderr
 
 RS_PIDS=()
@@ -160,4 +162,17 @@ rs_cleanup() {
     RS_PIDS=()
     RS_PID_NAMES=()
     RS_DIRS=()
+}
+
+# moto's S3 API server, for a registry that keeps its blobs in a bucket and redirects blob GETs to
+# presigned URLs. Installed once into DIR/venv (about 20 s, needs PyPI), then reused.
+rs_install_moto() {
+    local dir=$1
+    if [ -x "$dir/venv/bin/moto_server" ]; then
+        return 0
+    fi
+    rs_log "installing moto's S3 server into $dir"
+    mkdir -p "$dir"
+    python3 -m venv "$dir/venv" >&2
+    PIP_CACHE_DIR="$dir/pip-cache" "$dir/venv/bin/pip" install -q 'moto[server]==5.2.5' >&2
 }

@@ -131,6 +131,12 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_PULL_SETTLE", default_value = "1s", value_parser = parse_duration)]
     pub pull_settle: Duration,
 
+    /// What to do with a registry's redirects to other hosts (object storage, CDNs): `capture`
+    /// routes them through regscope, which forwards and times the bytes (it then needs to reach
+    /// those hosts); `pass` hands them to the client untouched and only counts them.
+    #[arg(long, env = "REGSCOPE_REDIRECTS", value_enum, default_value_t = RedirectMode::Capture)]
+    pub redirects: RedirectMode,
+
     /// How many finished pushes and pulls to keep for the transfers API and `report`.
     #[arg(long, env = "REGSCOPE_KEEP_TRANSFERS", default_value_t = 1000)]
     pub keep_transfers: usize,
@@ -146,6 +152,13 @@ pub struct ServeConfig {
     /// Log format.
     #[arg(long, env = "REGSCOPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// `--redirects`: whether redirects to other hosts go through regscope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RedirectMode {
+    Capture,
+    Pass,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -31,7 +31,7 @@ pub use presentation::{report, ui, waterfall};
 pub use protocol::{
     classify, is_repository_name, percent_decode, Api, BlobKind, BodyEnd, Direction, Operation, Route, Side,
 };
-pub use protocol::{Outcome, Party, Phase, TransferDirection, UpstreamErrorKind};
+pub use protocol::{Outcome, Party, Phase, Redirected, TransferDirection, UpstreamErrorKind};
 pub use recording::{Blob, BlobOutcome, BodyView, LiveTransfer, RequestView, Split, Transfer, UploadPhases};
 pub use wire::error::SetupError;
 pub use wire::headers;
@@ -48,6 +48,7 @@ use crate::metrics::Metrics;
 use crate::presentation::admin::Admin;
 use crate::recording::{Tracker, TrackerConfig};
 use crate::wire::proxy::Proxy;
+use crate::wire::redirects::Redirects;
 use crate::wire::server::{self, ProxyListener};
 use crate::wire::tls;
 use crate::wire::upstream::{self, UpstreamTarget};
@@ -86,6 +87,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         response_timeout: config.upstream_response_timeout,
         stall_timeout: (!config.body_stall_timeout.is_zero()).then_some(config.body_stall_timeout),
         admission: (config.upload_slots > 0).then(|| admission::Admission::new(config.upload_slots, &metrics)),
+        redirects: (config.redirects == config::RedirectMode::Capture).then(|| Arc::new(Redirects::new())),
         recorders,
     });
     let probe =

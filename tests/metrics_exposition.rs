@@ -213,7 +213,8 @@ fn check_labels(text: &str) {
     let kinds = ["connect_refused", "connect_timeout", "tls", "reset", "response_timeout", "other"];
     let phases = ["start", "transfer", "commit", "gap", "total"];
     let outcomes = ["complete", "incomplete", "failed"];
-    let parties = ["client", "registry", "transfer"];
+    let parties = ["client", "registry", "transfer", "storage"];
+    let handlings = ["captured", "passed"];
     let mut seen = BTreeSet::new();
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
         let (series, _value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed sample {line:?}"));
@@ -234,6 +235,7 @@ fn check_labels(text: &str) {
                 "phase" => phases.contains(&value),
                 "outcome" => outcomes.contains(&value),
                 "party" => parties.contains(&value),
+                "handling" => handlings.contains(&value),
                 "le" => value == "+Inf" || value.parse::<f64>().is_ok(),
                 "version" => value == env!("CARGO_PKG_VERSION"),
                 _ => false,

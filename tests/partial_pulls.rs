@@ -6,13 +6,12 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use regscope::{BlobKind, BlobOutcome, Operation, Outcome, Transfer, TransferDirection};
 use support::client::Conn;
 use support::replay::{manifest_blobs, pretty, registry_manifest, report_table, report_text, transfers, SCHEMA2};
-use support::{check, docker, skopeo, Registry, Regscope, TempDir, TestImage};
+use support::{ctr, docker, skopeo, Registry, Regscope, TempDir, TestImage};
 
 /// How soon after the client returns the pull must be listed: the settle time (1 s by default)
 /// and a sweep.
@@ -206,21 +205,6 @@ fn skopeo_and_containerd_pull_what_they_lack_and_are_listed_complete() {
     assert_eq!(ops, [Operation::ManifestHead, Operation::BlobGet], "HEAD, then the one blob it lacks");
     assert_eq!(blob_outcomes(&cached), expected(&stored, &[0, 1, 2]), "{}", pretty(&cached));
     assert_partial(&cached, &stored, returned, "ctr content fetch, cached manifest");
-}
-
-/// Runs `ctr ARGS` in `namespace` against the test run's containerd; panics unless it exits 0.
-fn ctr(namespace: &str, args: &[&str]) {
-    let mut ctr = Command::new("ctr");
-    ctr.args(["--address", &containerd_socket(), "--namespace", namespace]);
-    check(ctr.args(args), Duration::from_secs(120));
-}
-
-/// The containerd that the test run's dockerd supervises: `script/test` gives dockerd
-/// `--exec-root D/exec` beside `-H unix://D/docker.sock`.
-fn containerd_socket() -> String {
-    let host = std::env::var("REGSCOPE_TEST_DOCKER_HOST").expect("REGSCOPE_TEST_DOCKER_HOST (run script/test)");
-    let dir = host.strip_prefix("unix://").and_then(|s| s.strip_suffix("/docker.sock")).expect("unix://D/docker.sock");
-    format!("{dir}/exec/containerd/containerd.sock")
 }
 
 #[test]

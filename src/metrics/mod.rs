@@ -18,7 +18,9 @@ use children::PerRequest;
 pub(crate) use labels::RepositoryLabels;
 use labels::{method_label, status_label};
 
-use crate::protocol::{Api, Direction, Operation, Outcome, Party, Side, TransferDirection, UpstreamErrorKind};
+use crate::protocol::{
+    Api, Direction, Operation, Outcome, Party, Redirected, Side, TransferDirection, UpstreamErrorKind,
+};
 
 /// Durations from 1 ms to 1 h.
 pub(crate) const DURATION_BUCKETS: &[f64] = &[
@@ -95,6 +97,7 @@ pub(crate) struct Metrics {
     pub upload_phase: HistogramVec,
     pub image_transfer: HistogramVec,
     pub image_time_total: prometheus::CounterVec,
+    pub redirects: IntCounterVec,
     /// Caps the opt-in repository label.
     pub repositories: RepositoryLabels,
     /// The per-request families' children, resolved once per label set. Built on first use:
@@ -263,6 +266,11 @@ impl Metrics {
                 "Wall time of whole pushes and pulls, attributed to the client, the registry or bytes moving.",
                 &["direction", "party"],
             ),
+            redirects: counter(
+                "regscope_redirects_total",
+                "Registry redirects to other hosts (object storage, CDNs): captured through regscope, or passed to the client unseen (--redirects pass).",
+                &["handling"],
+            ),
             repositories: RepositoryLabels::new(repository_cap),
             registry,
             children: OnceLock::new(),
@@ -295,6 +303,7 @@ impl Metrics {
         register(Box::new(m.upload_phase.clone()));
         register(Box::new(m.image_transfer.clone()));
         register(Box::new(m.image_time_total.clone()));
+        register(Box::new(m.redirects.clone()));
         register(Box::new(build_info));
         if let Some(c) = &m.repository_requests {
             register(Box::new(c.clone()));
@@ -330,6 +339,9 @@ impl Metrics {
             for outcome in Outcome::ALL {
                 self.image_transfer.with_label_values(&[direction.as_str(), outcome.as_str()]);
             }
+        }
+        for handling in Redirected::ALL {
+            self.redirects.with_label_values(&[handling.as_str()]);
         }
         for kind in UpstreamErrorKind::ALL {
             self.upstream_errors.with_label_values(&[kind.as_str()]);

@@ -158,8 +158,10 @@ pub(crate) fn verdict(t: &Transfer) -> String {
         TransferDirection::Push => "compressing, hashing, or idle between requests",
         TransferDirection::Pull => "reading slowly (extracting), or idle between requests",
     };
+    let storage =
+        if t.parties.storage > 0.0 { format!(", {:.0} % in storage", pct(t.parties.storage)) } else { String::new() };
     format!(
-        "{}{:.0} % of this {} was spent in the client ({client_doing}), {:.0} % in the registry, {:.0} % moving bytes",
+        "{}{:.0} % of this {} was spent in the client ({client_doing}), {:.0} % in the registry{storage}, {:.0} % moving bytes",
         layers_fetched(t).map(|s| s + "; ").unwrap_or_default(),
         pct(t.parties.client),
         t.direction.as_str(),
@@ -254,7 +256,7 @@ mod tests {
             commit: 0.5,
             gap: 1.0,
             total: 10.0,
-            transfer_split: Split { client: 6.0, registry: 1.0, moving: 1.0 },
+            transfer_split: Split { client: 6.0, registry: 1.0, moving: 1.0, storage: 0.0 },
             bytes: 37_124_367,
         };
         Transfer {
@@ -267,7 +269,7 @@ mod tests {
             client: "127.0.0.1".into(),
             started_unix_ms: 0,
             wall_seconds: 10.0,
-            parties: Split { client: 8.2, registry: 1.1, moving: 0.7 },
+            parties: Split { client: 8.2, registry: 1.1, moving: 0.7, storage: 0.0 },
             bytes: 37_124_367,
             blobs: vec![Blob {
                 digest: Some("sha256:0123456789abcdef".into()),

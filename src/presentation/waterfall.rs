@@ -15,6 +15,7 @@ use crate::recording::Transfer;
 pub(crate) const CLIENT: &str = "#d1495b";
 pub(crate) const REGISTRY: &str = "#edae49";
 pub(crate) const MOVING: &str = "#00798c";
+pub(crate) const STORAGE: &str = "#6a4c93";
 
 const WIDTH: f64 = 1100.0;
 const LABEL: f64 = 330.0;
@@ -63,7 +64,9 @@ pub(crate) fn pieces(r: &RequestView) -> Vec<(&'static str, f64, f64)> {
         let length = segment.to - segment.from;
         let mut at = segment.from;
         let mix = segment.mix;
-        for (party, share) in [("client", mix.client), ("registry", mix.registry), ("moving", mix.moving)] {
+        let parts =
+            [("client", mix.client), ("registry", mix.registry), ("storage", mix.storage), ("moving", mix.moving)];
+        for (party, share) in parts {
             let seconds = share * length;
             if seconds > 0.0 {
                 out.push((party, at, seconds));
@@ -78,6 +81,7 @@ fn colour(party: &str) -> &'static str {
     match party {
         "client" => CLIENT,
         "registry" => REGISTRY,
+        "storage" => STORAGE,
         _ => MOVING,
     }
 }
@@ -100,11 +104,12 @@ pub fn render_svg(t: &Transfer) -> String {
     let title = format!("{} {} {} — {:.3} s", t.api.as_str(), t.direction.as_str(), t.image(), t.wall_seconds);
     let _ = write!(s, r#"<text x="4" y="14" font-size="13">{}</text>"#, escape(&title));
     // Legend, on a line of its own: a long title would run into it.
-    for (i, (party, name)) in
-        [("client", "waiting on client"), ("registry", "waiting on registry"), ("moving", "bytes moving")]
-            .into_iter()
-            .enumerate()
-    {
+    let mut legend = vec![("client", "waiting on client"), ("registry", "waiting on registry")];
+    if t.parties.storage > 0.0 {
+        legend.push(("storage", "waiting on storage"));
+    }
+    legend.push(("moving", "bytes moving"));
+    for (i, (party, name)) in legend.into_iter().enumerate() {
         let x = 4.0 + i as f64 * 170.0;
         let _ = write!(
             s,

@@ -10,5 +10,5 @@ pub(crate) use manifest::{parse_ancestry, BlobRef, ManifestRefs, ParsedManifests
 pub(crate) use route::query_param;
 pub use route::{classify, is_repository_name, percent_decode, Route};
 pub use vocabulary::{
-    Api, BodyEnd, Direction, Operation, Outcome, Party, Phase, Side, TransferDirection, UpstreamErrorKind,
+    Api, BodyEnd, Direction, Operation, Outcome, Party, Phase, Redirected, Side, TransferDirection, UpstreamErrorKind,
 };

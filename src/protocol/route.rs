@@ -25,7 +25,7 @@ pub struct Route<'a> {
 }
 
 impl<'a> Route<'a> {
-    fn op(operation: Operation) -> Self {
+    pub(crate) fn op(operation: Operation) -> Self {
         Route { operation, repository: None, reference: None, digest: None, upload_id: None }
     }
 

@@ -67,6 +67,8 @@ operations! {
     TagsList => "tags_list", V2;
     Referrers => "referrers", V2;
     Catalog => "catalog", V2;
+    StorageGet => "storage_get", Other;
+    StorageHead => "storage_head", Other;
     V1Ping => "v1_ping", V1;
     V1RepositoryPut => "v1_repository_put", V1;
     V1RepositoryImagesGet => "v1_repository_images_get", V1;
@@ -171,6 +173,18 @@ closed_set! {
         Registry => "registry",
         /// Bytes moving. Its label value is `transfer`, as the image-level metrics name it.
         Moving => "transfer",
+        /// The object storage or CDN a registry redirected a blob to.
+        Storage => "storage",
+    }
+}
+
+closed_set! {
+    /// What became of a registry's redirect to another host.
+    pub enum Redirected {
+        /// Rewritten to a regscope handle: the bytes come through regscope.
+        Captured => "captured",
+        /// Passed to the client as it was (`--redirects pass`): regscope does not see the bytes.
+        Passed => "passed",
     }
 }
 
@@ -183,5 +197,15 @@ closed_set! {
         /// Between the upload's requests: nothing of it on the wire (the client working).
         Gap => "gap",
         Total => "total",
+    }
+}
+
+impl Operation {
+    /// Who answers this operation upstream: the registry, or the storage a registry redirected to.
+    pub fn upstream(self) -> Party {
+        match self {
+            Operation::StorageGet | Operation::StorageHead => Party::Storage,
+            _ => Party::Registry,
+        }
     }
 }

@@ -7,6 +7,7 @@ mod phases;
 mod publish;
 mod results;
 mod session;
+mod split;
 #[cfg(test)]
 mod tests;
 mod timeline;
@@ -16,7 +17,8 @@ pub(crate) use model::image_name;
 pub use model::{Blob, BlobOutcome, LiveTransfer, Transfer};
 pub use phases::UploadPhases;
 
-pub use timeline::{BodyView, RequestView, Split};
+pub use split::Split;
+pub use timeline::{BodyView, RequestView};
 pub(crate) use tracker::{spawn_sweeper, Tracker, TrackerConfig};
 
 /// The tracker's maps are looked up several times per request under its lock, so they hash with

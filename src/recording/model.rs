@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::phases::{UploadOutcome, UploadPhases};
-use super::timeline::{RequestView, Split};
+use super::split::Split;
+use super::timeline::RequestView;
 use crate::body::LiveExchange;
 use crate::protocol::{Api, BlobKind, Outcome, TransferDirection};
 

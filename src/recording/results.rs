@@ -5,7 +5,8 @@ use std::time::UNIX_EPOCH;
 use super::model::{Blob, BlobOutcome, Transfer};
 use super::phases::{is_upload_request, upload_outcome, upload_phases};
 use super::session::{Key, Session};
-use super::timeline::{attribute, RequestView, Split};
+use super::split::Split;
+use super::timeline::{attribute, RequestView};
 use crate::protocol::{Api, BlobKind, BlobRef, Operation};
 use crate::protocol::{Outcome, TransferDirection};
 
@@ -118,7 +119,7 @@ pub(crate) fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<
     let mut blobs: Vec<Blob> = Vec::new();
     for r in requests {
         let (id, is_metadata) = match r.operation {
-            Operation::BlobGet => (r.digest.clone(), false),
+            Operation::BlobGet | Operation::StorageGet => (r.digest.clone(), false),
             Operation::V1LayerGet => (r.reference.clone(), false),
             Operation::V1ImageJsonGet => (r.reference.clone(), true),
             _ => continue,
@@ -152,7 +153,8 @@ pub(crate) fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<
         }
         blob.bytes += r.bytes_out();
         blob.split.add(r.split());
-        if r.succeeded() {
+        // A redirect delivers nothing itself: the storage GET it leads to does.
+        if r.succeeded() && r.status.is_some_and(|c| (200..300).contains(&c)) {
             blob.outcome = BlobOutcome::Fetched;
         }
     }

@@ -134,9 +134,15 @@ pub(crate) fn direction_of(op: Operation) -> Option<TransferDirection> {
         | V1ChecksumPut
         | V1TagPut
         | V1RepositoryImagesPut => Some(Push),
-        ManifestGet | ManifestHead | BlobGet | V1RepositoryImagesGet | V1TagsGet | V1AncestryGet | V1LayerGet => {
-            Some(Pull)
-        }
+        ManifestGet
+        | ManifestHead
+        | BlobGet
+        | StorageGet
+        | StorageHead
+        | V1RepositoryImagesGet
+        | V1TagsGet
+        | V1AncestryGet
+        | V1LayerGet => Some(Pull),
         _ => None,
     }
 }
@@ -265,7 +271,8 @@ pub(crate) fn update(
                 }
             }
         }
-        BlobGet if ok => {
+        // A redirect (307 to storage) has not delivered the blob: the storage GET does.
+        BlobGet | StorageGet if ok && r.status.is_some_and(|c| (200..300).contains(&c)) => {
             if let Some(digest) = &r.digest {
                 if s.manifests_seen == 0 {
                     adopt_candidate(s, digest);

@@ -19,40 +19,11 @@
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::split::Split;
 use crate::body::BodyOutcome;
 use crate::body::ExchangeRecord;
 use crate::protocol::Operation;
 use crate::protocol::{BodyEnd, Party, Side};
-
-/// Seconds spent per party. Also used for a body's or a phase's split.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Split {
-    pub client: f64,
-    pub registry: f64,
-    /// Bytes moving (called `transfer` in the image-level metrics).
-    pub moving: f64,
-}
-
-impl Split {
-    /// The seconds that went to `party`.
-    pub fn get(&self, party: Party) -> f64 {
-        match party {
-            Party::Client => self.client,
-            Party::Registry => self.registry,
-            Party::Moving => self.moving,
-        }
-    }
-
-    pub fn total(&self) -> f64 {
-        self.client + self.registry + self.moving
-    }
-
-    pub fn add(&mut self, other: Split) {
-        self.client += other.client;
-        self.registry += other.registry;
-        self.moving += other.moving;
-    }
-}
 
 /// One body as seen in a transfer, offsets in seconds from the transfer's start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,7 +59,7 @@ impl BodyView {
         let active = self.active();
         let client = self.client_wait.min(active);
         let registry = self.registry_wait.min(active - client);
-        Split { client, registry, moving: active - client - registry }
+        Split { client, registry, moving: active - client - registry, storage: 0.0 }
     }
 }
 
@@ -172,9 +143,9 @@ impl RequestView {
         let mut split = Split::default();
         for segment in self.segments() {
             let len = segment.to - segment.from;
-            split.client += segment.mix.client * len;
-            split.registry += segment.mix.registry * len;
-            split.moving += segment.mix.moving * len;
+            for party in Party::ALL {
+                *split.get_mut(party) += segment.mix.get(party) * len;
+            }
         }
         split
     }
@@ -187,8 +158,10 @@ impl RequestView {
                 out.push(Segment { from, to, mix });
             }
         };
-        let registry = Split { registry: 1.0, ..Split::default() };
-        let moving = Split { moving: 1.0, ..Split::default() };
+        let upstream = self.operation.upstream();
+        let registry = Split::only(upstream, 1.0);
+        let moving = Split::only(Party::Moving, 1.0);
+        let fractions = |body: &BodyView| fractions(body, upstream);
         let forwarded = self.forwarded.unwrap_or(self.start);
         let head = self.response_head.unwrap_or(self.end);
         push(self.start, forwarded, moving);
@@ -212,13 +185,17 @@ impl RequestView {
     }
 }
 
-fn fractions(body: &BodyView) -> Split {
+/// A body's mix of states over its active life; what it waited on upstream is `upstream`'s.
+fn fractions(body: &BodyView, upstream: Party) -> Split {
     let active = body.active();
     if active <= 0.0 {
-        return Split { moving: 1.0, ..Split::default() };
+        return Split::only(Party::Moving, 1.0);
     }
     let s = body.split();
-    Split { client: s.client / active, registry: s.registry / active, moving: s.moving / active }
+    let mut mix = Split::only(upstream, s.registry / active);
+    mix.client = s.client / active;
+    mix.moving = s.moving / active;
+    mix
 }
 
 /// A stretch of one request with a known mix of states (fractions adding to one).
@@ -240,13 +217,15 @@ pub(super) fn attribute(requests: &[RequestView], wall: f64) -> Split {
     events.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut none_moving = LogProduct::default();
     let mut all_client = LogProduct::default();
+    // How much of the active segments waits on each upstream party: what the waiting is split by.
+    let mut waiting = Split::default();
     let mut active = 0usize;
     let mut shares = Split::default();
     let mut at = 0.0;
     for (time, starts, i) in events {
         let len = time - at;
         if len > 0.0 {
-            add_interval(&mut shares, len, active, none_moving.value(), all_client.value());
+            add_interval(&mut shares, len, active, none_moving.value(), all_client.value(), &waiting);
             at = time;
         }
         let mix = segments[i].mix;
@@ -254,10 +233,14 @@ pub(super) fn attribute(requests: &[RequestView], wall: f64) -> Split {
             active += 1;
             none_moving.push(1.0 - mix.moving);
             all_client.push(mix.client);
+            waiting.registry += mix.registry;
+            waiting.storage += mix.storage;
         } else {
             active -= 1;
             none_moving.pop(1.0 - mix.moving);
             all_client.pop(mix.client);
+            waiting.registry -= mix.registry;
+            waiting.storage -= mix.storage;
         }
     }
     if wall > at {
@@ -276,14 +259,21 @@ fn clipped_segments(requests: &[RequestView], wall: f64) -> Vec<Segment> {
 }
 
 /// Splits one interval of constant state by the rule in the module docs.
-fn add_interval(shares: &mut Split, len: f64, active: usize, none_moving: f64, all_client: f64) {
+/// The waiting upstream is shared by the parties waited on, in proportion to how much of the
+/// active segments waits on each: with the registry alone it is all the registry's.
+fn add_interval(shares: &mut Split, len: f64, active: usize, none_moving: f64, all_client: f64, waiting: &Split) {
     if active == 0 {
         shares.client += len;
         return;
     }
     shares.moving += (1.0 - none_moving) * len;
-    shares.registry += (none_moving - all_client).max(0.0) * len;
     shares.client += all_client * len;
+    let upstream = (none_moving - all_client).max(0.0) * len;
+    let storage = waiting.storage.max(0.0);
+    let weight = waiting.registry.max(0.0) + storage;
+    let to_storage = if weight > 0.0 { upstream * storage / weight } else { 0.0 };
+    shares.storage += to_storage;
+    shares.registry += upstream - to_storage;
 }
 
 /// A product of factors in [0, 1] that factors can leave again: logarithms of the non-zero
@@ -417,7 +407,12 @@ mod tests {
             let active: Vec<&Segment> = segments.iter().filter(|s| s.from <= a && s.to >= b).collect();
             let none_moving: f64 = active.iter().map(|s| 1.0 - s.mix.moving).product();
             let all_client: f64 = active.iter().map(|s| s.mix.client).product();
-            add_interval(&mut shares, b - a, active.len(), none_moving, all_client);
+            let mut waiting = Split::default();
+            for s in &active {
+                waiting.registry += s.mix.registry;
+                waiting.storage += s.mix.storage;
+            }
+            add_interval(&mut shares, b - a, active.len(), none_moving, all_client, &waiting);
         }
         shares
     }
@@ -467,5 +462,17 @@ mod tests {
         let mut r = request(0.0, 0.1, 5.0, 5.0);
         r.upload = Some(body(0.1, 3.0, 1.0, 0.0));
         assert!(close(r.registry_processing(), 2.0));
+    }
+
+    #[test]
+    fn waiting_on_storage_is_the_storage_and_shared_with_the_registry_by_weight() {
+        let mut storage = request(0.0, 0.0, 2.0, 2.0);
+        storage.operation = Operation::StorageGet;
+        let s = attribute(&[storage.clone()], 2.0);
+        assert!(close(s.storage, 2.0) && close(s.registry, 0.0), "{s:?}");
+        let registry = request(1.0, 1.0, 2.0, 2.0);
+        let s = attribute(&[storage, registry], 2.0);
+        assert!(close(s.storage, 1.5) && close(s.registry, 0.5), "the shared second goes half and half: {s:?}");
+        assert!(close(s.total(), 2.0), "{s:?}");
     }
 }

@@ -20,6 +20,9 @@ pub(crate) enum ProxyError {
     BadRequest(&'static str),
     #[error("method {0} is not supported: regscope is a registry proxy, not a forward proxy")]
     MethodNotAllowed(String),
+    /// A redirect handle that regscope did not make, or that has expired.
+    #[error("unknown or expired redirect")]
+    UnknownRedirect,
     /// The client's own body broke off (closed, malformed, or silent past the stall timeout):
     /// the upstream request was aborted, and the registry is not to blame.
     #[error("the request body was cut off by the client ({0}); the registry received an aborted request")]
@@ -67,6 +70,7 @@ impl ProxyError {
             ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnknownRedirect => StatusCode::NOT_FOUND,
             ProxyError::ClientAborted(ClientFault::Stalled) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ClientAborted(ClientFault::Broken) => StatusCode::BAD_REQUEST,
         }
@@ -78,6 +82,7 @@ impl ProxyError {
             ProxyError::Unreachable { .. } | ProxyError::ResponseTimeout { .. } => "UNAVAILABLE",
             ProxyError::BadRequest(_) => "UNSUPPORTED",
             ProxyError::MethodNotAllowed(_) => "UNSUPPORTED",
+            ProxyError::UnknownRedirect => "BLOB_UNKNOWN",
             ProxyError::ClientAborted(_) => "UNKNOWN",
         }
     }

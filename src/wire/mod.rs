@@ -4,6 +4,7 @@
 pub(crate) mod error;
 pub mod headers;
 pub(crate) mod proxy;
+pub(crate) mod redirects;
 pub(crate) mod server;
 pub(crate) mod socket;
 pub(crate) mod tls;

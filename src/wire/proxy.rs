@@ -20,9 +20,10 @@ use crate::body::{Exchange, Recorders, ResponseInfo};
 use crate::limits::admission::{self, Admission};
 use crate::protocol::CAPTURE_LIMIT;
 use crate::protocol::{classify, Operation, Route};
-use crate::protocol::{BodyEnd, Direction};
+use crate::protocol::{BodyEnd, Direction, Redirected};
 use crate::wire::error::{classify_client_error, ClientFault, ProxyError};
 use crate::wire::headers::{self, ClientView, HostMode, Origin};
+use crate::wire::redirects::{Redirect, Redirects, PREFIX};
 use crate::wire::upstream::{UpstreamTarget, Upstreams};
 
 /// The body of every response regscope sends: the registry's, streamed and timed, or one of
@@ -67,6 +68,16 @@ pub(crate) struct Proxy {
     /// `None`: uploads stream through without waiting for a slot.
     pub admission: Option<Arc<Admission>>,
     pub recorders: Arc<Recorders>,
+    /// Redirect handles; `None`: redirects to other hosts pass to the client untouched.
+    pub redirects: Option<Arc<Redirects>>,
+}
+
+/// Where an exchange is forwarded.
+enum Target {
+    /// The registry, at the request's own path.
+    Registry,
+    /// The storage a registry redirected to, at the URL the handle stands for.
+    Storage(Redirect),
 }
 
 impl Proxy {
@@ -90,10 +101,23 @@ impl Proxy {
         };
 
         let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let route = if refusal.is_some() {
-            Route { operation: Operation::Other, repository: None, reference: None, digest: None, upload_id: None }
-        } else {
-            classify(req.method(), req.uri().path(), req.uri().query())
+        let (target, refusal) = match req.uri().path().strip_prefix(PREFIX) {
+            Some(_) if refusal.is_some() => (Target::Registry, refusal),
+            Some(handle) => match self.storage_target(req.method(), handle) {
+                Ok(redirect) => (Target::Storage(redirect), None),
+                Err(error) => (Target::Registry, Some(error)),
+            },
+            None => (Target::Registry, refusal),
+        };
+        let route = match (&target, &refusal) {
+            (_, Some(_)) => Route::op(Operation::Other),
+            (Target::Storage(redirect), None) => Route {
+                operation: if req.method() == Method::HEAD { Operation::StorageHead } else { Operation::StorageGet },
+                repository: redirect.repository.as_deref(),
+                digest: redirect.digest.as_deref(),
+                ..Route::op(Operation::Other)
+            },
+            (Target::Registry, None) => classify(req.method(), req.uri().path(), req.uri().query()),
         };
         let exchange = Exchange::start(&route, req.method(), conn.peer, path_and_query, self.recorders.clone());
 
@@ -101,7 +125,7 @@ impl Proxy {
             exchange.set_status(refusal.status().as_u16());
             return Ok(refusal.to_response().map(Either::Right));
         }
-        Ok(match self.forward(req, conn, &exchange).await {
+        Ok(match self.forward(req, conn, &exchange, &target).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(kind) = error.upstream_kind() {
@@ -120,11 +144,21 @@ impl Proxy {
         })
     }
 
+    /// Where a redirect handle leads: GET and HEAD only, and only while the handle lives.
+    fn storage_target(&self, method: &Method, handle: &str) -> Result<Redirect, ProxyError> {
+        let redirects = self.redirects.as_ref().ok_or(ProxyError::UnknownRedirect)?;
+        if method != Method::GET && method != Method::HEAD {
+            return Err(ProxyError::MethodNotAllowed(method.to_string()));
+        }
+        redirects.resolve(handle, Instant::now()).ok_or(ProxyError::UnknownRedirect)
+    }
+
     async fn forward(
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
         exchange: &Arc<Exchange>,
+        target: &Target,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         // Clones share the request's bytes (no copy): the headers and target are rewritten below.
@@ -132,12 +166,22 @@ impl Proxy {
         let authority = parts.uri.authority().cloned();
         let client_host =
             host_header.as_ref().and_then(|h| h.to_str().ok()).or_else(|| authority.as_ref().map(|a| a.as_str()));
-        let view = ClientView { ip: &conn.forwarded_for, scheme: conn.scheme(), host: client_host };
-        headers::forward_request_headers(&mut parts.headers, &view, self.host_mode, &self.upstream.host_header);
-        parts.uri = self
-            .upstream
-            .uri_for(parts.uri.path_and_query())
-            .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+        match target {
+            Target::Registry => {
+                let view = ClientView { ip: &conn.forwarded_for, scheme: conn.scheme(), host: client_host };
+                headers::forward_request_headers(&mut parts.headers, &view, self.host_mode, &self.upstream.host_header);
+                parts.uri = self
+                    .upstream
+                    .uri_for(parts.uri.path_and_query())
+                    .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+            }
+            Target::Storage(redirect) => {
+                let host = redirect.url.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                let host = host.ok_or(ProxyError::UnknownRedirect)?;
+                parts.headers = headers::storage_request_headers(&parts.headers, &host);
+                parts.uri = redirect.url.clone();
+            }
+        }
         parts.version = Version::HTTP_11;
 
         let mut body =
@@ -159,17 +203,34 @@ impl Proxy {
             _ => None,
         };
         exchange.mark_forwarded();
-        let response = self.await_response(Request::from_parts(parts, Box::new(body)), sends_body, exchange).await;
+        let upstream_name = match target {
+            Target::Registry => self.upstream.display.as_str(),
+            Target::Storage(redirect) => redirect.url.authority().map_or("storage", |a| a.as_str()),
+        };
+        let request = Request::from_parts(parts, Box::new(body));
+        let response = self.await_response(request, sends_body, exchange, upstream_name).await;
         drop(ticket);
         let response = response?;
 
         let (mut parts, body) = response.into_parts();
-        let upstream_origin =
-            Origin { scheme: self.upstream.scheme.as_str(), authority: self.upstream.authority.as_str() };
+        let upstream_origin = match target {
+            Target::Registry => {
+                Origin { scheme: self.upstream.scheme.as_str(), authority: self.upstream.authority.as_str() }
+            }
+            Target::Storage(redirect) => Origin {
+                scheme: redirect.url.scheme_str().unwrap_or("http"),
+                authority: redirect.url.authority().map_or("", |a| a.as_str()),
+            },
+        };
         let client_origin = client_host.map(|authority| Origin { scheme: conn.scheme(), authority });
         let info = response_info(&parts.headers);
         let declared = info.content_length;
         headers::forward_response_headers(&mut parts.headers, &upstream_origin, client_origin.as_ref());
+        if parts.status.is_redirection() {
+            if let Some(client) = &client_origin {
+                self.capture_redirect(&mut parts.headers, &upstream_origin, client, exchange);
+            }
+        }
         let capture = parts.status.is_success()
             && matches!(exchange.info().operation, Operation::ManifestGet | Operation::V1AncestryGet);
         exchange.mark_response_head(parts.status.as_u16(), info);
@@ -191,6 +252,7 @@ impl Proxy {
         req: Request<UploadBody>,
         sends_body: bool,
         exchange: &Exchange,
+        upstream: &str,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (client, stream) = self.upstreams.pick(sends_body);
         exchange.hold(stream);
@@ -210,18 +272,49 @@ impl Proxy {
                         Some(BodyEnd::SourceError) => ProxyError::ClientAborted(ClientFault::Broken),
                         _ => {
                             let (kind, cause) = classify_client_error(&e);
-                            ProxyError::Unreachable { upstream: self.upstream.display.clone(), kind, cause }
+                            ProxyError::Unreachable { upstream: upstream.to_owned(), kind, cause }
                         }
                     });
                 }
                 _ = exchange.upload_done.notified(), if deadline.is_none() => continue,
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     return Err(ProxyError::ResponseTimeout {
-                        upstream: self.upstream.display.clone(),
+                        upstream: upstream.to_owned(),
                         after: self.response_timeout,
                     });
                 }
             }
+        }
+    }
+}
+
+impl Proxy {
+    /// A redirect to another host becomes a regscope URL under a handle (capture mode), so the
+    /// bytes come through here; either way it is counted.
+    fn capture_redirect(
+        &self,
+        headers: &mut http::HeaderMap,
+        upstream: &Origin<'_>,
+        client: &Origin<'_>,
+        exchange: &Exchange,
+    ) {
+        let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else { return };
+        if !headers::points_elsewhere(location, upstream, client) {
+            return;
+        }
+        let metrics = &self.recorders.metrics;
+        let captured = self.redirects.as_ref().and_then(|redirects| {
+            let url: http::Uri = location.parse().ok()?;
+            let info = exchange.info();
+            let handle = redirects.capture(url, info.repository.as_deref(), info.digest.as_deref(), Instant::now())?;
+            HeaderValue::from_str(&format!("{}://{}{PREFIX}{handle}", client.scheme, client.authority)).ok()
+        });
+        match captured {
+            Some(value) => {
+                headers.insert(header::LOCATION, value);
+                metrics.redirects.with_label_values(&[Redirected::Captured.as_str()]).inc();
+            }
+            None => metrics.redirects.with_label_values(&[Redirected::Passed.as_str()]).inc(),
         }
     }
 }

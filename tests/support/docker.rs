@@ -74,3 +74,19 @@ impl Docker {
         self.run(&["rmi", reference]);
     }
 }
+
+/// Runs `ctr ARGS` in `namespace` against the containerd of the test run's daemon; panics unless
+/// it exits 0.
+pub fn ctr(namespace: &str, args: &[&str]) {
+    let mut ctr = Command::new("ctr");
+    ctr.args(["--address", &containerd_socket(), "--namespace", namespace]);
+    check(ctr.args(args), Duration::from_secs(120));
+}
+
+/// The containerd that the test run's dockerd supervises: `script/test` gives dockerd
+/// `--exec-root D/exec` beside `-H unix://D/docker.sock`.
+pub fn containerd_socket() -> String {
+    let host = std::env::var("REGSCOPE_TEST_DOCKER_HOST").expect("REGSCOPE_TEST_DOCKER_HOST (run script/test)");
+    let dir = host.strip_prefix("unix://").and_then(|s| s.strip_suffix("/docker.sock")).expect("unix://D/docker.sock");
+    format!("{dir}/exec/containerd/containerd.sock")
+}

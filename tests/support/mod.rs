@@ -18,11 +18,13 @@ mod process;
 mod registry;
 mod regscope;
 pub mod replay;
+mod storage;
 pub mod timing;
 
-pub use docker::{docker, Docker};
+pub use docker::{containerd_socket, ctr, docker, Docker};
 pub use image::{sha256_digest, sha256_file, LayerInfo, TestImage};
 pub use net::{free_port, http_get, wait_for_tcp, HttpResponse};
 pub use process::{check, check_bytes, eventually, output, skopeo, TempDir};
 pub use registry::{LoggedRequest, Registry, RegistryOptions};
 pub use regscope::{metric_sum, Regscope, RequestEvent};
+pub use storage::{ObjectStorage, SlowStorage};

@@ -19,6 +19,9 @@ pub struct RegistryOptions {
     /// An htpasswd file (bcrypt entries): the registry then wants HTTP Basic auth (`auth:
     /// htpasswd:`), answering 401 with `WWW-Authenticate: Basic realm=…` without it.
     pub htpasswd: Option<PathBuf>,
+    /// Store blobs in this S3 bucket (`http://…` endpoint, bucket name) instead of on disk, with
+    /// distribution's storage redirects on: blob GETs answer 307 to a presigned URL.
+    pub s3: Option<(String, String)>,
 }
 
 /// One request as the registry's access log recorded it.
@@ -61,6 +64,8 @@ impl Registry {
             let mut child = Command::new("docker-registry")
                 .arg("serve")
                 .arg(&config)
+                // The machine names a CA bundle for AWS SDKs; distribution's panics at start on it.
+                .env_remove("AWS_CA_BUNDLE")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -149,6 +154,7 @@ impl Registry {
         self.child = Command::new("docker-registry")
             .arg("serve")
             .arg(self.dir.path().join("config.yml"))
+            .env_remove("AWS_CA_BUNDLE")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -186,9 +192,16 @@ fn config_yaml(dir: &Path, addr: SocketAddr, opts: &RegistryOptions) -> String {
     let mut yaml = format!(
         "version: 0.1\n\
          log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
-         storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
+         storage:\n{backend}  delete:\n    enabled: true\n\
          http:\n  addr: {addr}\n",
-        storage = dir.join("storage").display()
+        backend = match &opts.s3 {
+            Some((endpoint, bucket)) => format!(
+                "  s3:\n    accesskey: regscope\n    secretkey: regscope-test\n    region: us-east-1\n    \
+                 regionendpoint: {endpoint}\n    bucket: {bucket}\n    secure: false\n    v4auth: true\n  \
+                 redirect:\n    disable: false\n"
+            ),
+            None => format!("  filesystem:\n    rootdirectory: {}\n", dir.join("storage").display()),
+        }
     );
     if let Some((cert, key)) = &opts.tls {
         yaml += &format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display());

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use regscope::{Transfer, TransferDirection};
+use regscope::{Party, Transfer, TransferDirection};
 
 use super::client::{Conn, ResponseHead};
 use super::net::{free_port, http_get};
@@ -120,19 +120,16 @@ pub fn verdict_percentages(table: &str) -> (f64, f64, f64) {
     (numbers[0], numbers[1], numbers[2])
 }
 
-/// The three parties' shares of a transfer cover its wall time exactly: every instant belongs to
-/// the client, the registry, or bytes moving, and to only one.
+/// The parties' shares of a transfer cover its wall time exactly: every instant belongs to the
+/// client, the registry, the storage it redirected to, or bytes moving, and to only one.
 pub fn assert_shares_add_up(t: &Transfer) {
     let p = t.parties;
-    assert!(p.client >= 0.0 && p.registry >= 0.0 && p.moving >= 0.0, "negative share: {p:?}");
-    let sum = p.client + p.registry + p.moving;
+    assert!(Party::ALL.iter().all(|&party| p.get(party) >= 0.0), "negative share: {p:?}");
+    let sum = p.total();
     assert!(t.wall_seconds > 0.0, "transfer {} has no wall time", t.id);
     assert!(
         (sum - t.wall_seconds).abs() <= 1e-6 * t.wall_seconds.max(1.0),
-        "client {:.6} + registry {:.6} + moving {:.6} = {sum:.6} s, wall {:.6} s",
-        p.client,
-        p.registry,
-        p.moving,
+        "{p:?} add up to {sum:.6} s, wall {:.6} s",
         t.wall_seconds
     );
 }
