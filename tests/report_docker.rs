@@ -1,4 +1,4 @@
-//! Issue 4, docker: a real `docker push` and `docker pull` through regscope give transfers (API
+//! docker: a real `docker push` and `docker pull` through regscope give transfers (API
 //! and `regscope report`) that name every blob with the size the registry stored, attribute the
 //! whole wall time, and find what the seed found: the client (the daemon compressing) takes most of
 //! a push.

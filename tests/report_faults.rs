@@ -1,4 +1,4 @@
-//! Issue 4, transfers that go wrong: an upload left hanging, a client that vanishes mid-body, and a
+//! Transfers that go wrong: an upload left hanging, a client that vanishes mid-body, and a
 //! pull of a tag that does not exist. Each must end as a transfer with the right outcome, and
 //! regscope must keep serving.
 

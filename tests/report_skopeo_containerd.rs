@@ -1,4 +1,4 @@
-//! Issue 4, the other client families: skopeo (containers/image: POST, one PATCH, PUT) and a
+//! The other client families: skopeo (containers/image: POST, one PATCH, PUT) and a
 //! containerd-style uploader (HEAD, POST, then one `PUT ?digest=` carrying the whole blob, no
 //! PATCH). Their pushes and pulls must be reported blob by blob with the sizes the registry stored.
 

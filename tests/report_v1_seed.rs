@@ -1,4 +1,4 @@
-//! Issue 4, the seed itself: the 2015 v1 push and pull (SEED.md), request for request, replayed
+//! The seed itself: the 2015 v1 push and pull (SEED.md), request for request, replayed
 //! through regscope into the seed's own registry (docker-registry 0.9.1), with the seed's slow
 //! parts made real and scaled down (1 s in the seed is 50 ms here). The tables `regscope report`
 //! prints must be the ones the author built by hand from the access log, and agree with the

@@ -1,4 +1,4 @@
-//! Issue 8: the admin web UI as a real browser (headless Chromium) shows it.
+//! The admin web UI as a real browser (headless Chromium) shows it.
 //!
 //! - After a real `docker push` and `docker pull`, `/` lists both, and each transfer's page has one
 //!   `tr.layer` per blob of the registry's manifest with the registry's size; screenshots of the

@@ -1,4 +1,4 @@
-//! Issue 8: `--no-ui` turns the web UI off and nothing else: `/` and `/transfers/<id>` answer 404,
+//! `--no-ui` turns the web UI off and nothing else: `/` and `/transfers/<id>` answer 404,
 //! while `/metrics`, `/healthz` and the transfers API keep working.
 
 mod support;
