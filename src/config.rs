@@ -137,6 +137,12 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_REDIRECTS", value_enum, default_value_t = RedirectMode::Capture)]
     pub redirects: RedirectMode,
 
+    /// What to do with a registry's token realms (`WWW-Authenticate: Bearer realm=…`): `capture`
+    /// routes the client's token requests through regscope, which forwards and times them as the
+    /// auth party's (it then needs to reach the token service); `pass` leaves them untouched.
+    #[arg(long, env = "REGSCOPE_AUTH_REALMS", value_enum, default_value_t = RedirectMode::Capture)]
+    pub auth_realms: RedirectMode,
+
     /// How many finished pushes and pulls to keep for the transfers API and `report`.
     #[arg(long, env = "REGSCOPE_KEEP_TRANSFERS", default_value_t = 1000)]
     pub keep_transfers: usize,

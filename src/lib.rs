@@ -87,7 +87,9 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         response_timeout: config.upstream_response_timeout,
         stall_timeout: (!config.body_stall_timeout.is_zero()).then_some(config.body_stall_timeout),
         admission: (config.upload_slots > 0).then(|| admission::Admission::new(config.upload_slots, &metrics)),
-        redirects: (config.redirects == config::RedirectMode::Capture).then(|| Arc::new(Redirects::new())),
+        redirects: Arc::new(Redirects::new()),
+        capture_storage: config.redirects == config::RedirectMode::Capture,
+        capture_auth: config.auth_realms == config::RedirectMode::Capture,
         recorders,
     });
     let probe =

@@ -213,7 +213,7 @@ fn check_labels(text: &str) {
     let kinds = ["connect_refused", "connect_timeout", "tls", "reset", "response_timeout", "other"];
     let phases = ["start", "transfer", "commit", "gap", "total"];
     let outcomes = ["complete", "incomplete", "failed"];
-    let parties = ["client", "registry", "transfer", "storage"];
+    let parties = ["client", "registry", "transfer", "storage", "auth"];
     let handlings = ["captured", "passed"];
     let mut seen = BTreeSet::new();
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {

@@ -268,8 +268,8 @@ impl Metrics {
             ),
             redirects: counter(
                 "regscope_redirects_total",
-                "Registry redirects to other hosts (object storage, CDNs): captured through regscope, or passed to the client unseen (--redirects pass).",
-                &["handling"],
+                "Registry redirects to other hosts: storage (object storage, CDNs) and auth (token realms), captured through regscope, or passed to the client unseen (--redirects, --auth-realms pass).",
+                &["party", "handling"],
             ),
             repositories: RepositoryLabels::new(repository_cap),
             registry,
@@ -340,8 +340,10 @@ impl Metrics {
                 self.image_transfer.with_label_values(&[direction.as_str(), outcome.as_str()]);
             }
         }
-        for handling in Redirected::ALL {
-            self.redirects.with_label_values(&[handling.as_str()]);
+        for party in [Party::Storage, Party::Auth] {
+            for handling in Redirected::ALL {
+                self.redirects.with_label_values(&[party.as_str(), handling.as_str()]);
+            }
         }
         for kind in UpstreamErrorKind::ALL {
             self.upstream_errors.with_label_values(&[kind.as_str()]);

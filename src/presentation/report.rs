@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use crate::protocol::BlobKind;
-use crate::protocol::TransferDirection;
 use crate::protocol::{Api, Operation};
+use crate::protocol::{Party, TransferDirection};
 use crate::recording::{Blob, BlobOutcome, Transfer};
 
 /// One row of the table.
@@ -158,8 +158,13 @@ pub(crate) fn verdict(t: &Transfer) -> String {
         TransferDirection::Push => "compressing, hashing, or idle between requests",
         TransferDirection::Pull => "reading slowly (extracting), or idle between requests",
     };
-    let storage =
-        if t.parties.storage > 0.0 { format!(", {:.0} % in storage", pct(t.parties.storage)) } else { String::new() };
+    let mut storage = String::new();
+    for (party, name) in [(Party::Storage, "storage"), (Party::Auth, "auth (tokens)")] {
+        let seconds = t.parties.get(party);
+        if seconds > 0.0 {
+            storage += &format!(", {:.0} % in {name}", pct(seconds));
+        }
+    }
     format!(
         "{}{:.0} % of this {} was spent in the client ({client_doing}), {:.0} % in the registry{storage}, {:.0} % moving bytes",
         layers_fetched(t).map(|s| s + "; ").unwrap_or_default(),
@@ -168,6 +173,18 @@ pub(crate) fn verdict(t: &Transfer) -> String {
         pct(t.parties.registry),
         pct(t.parties.moving),
     )
+}
+
+/// A row's `client / registry / moving` split, and the time waited on storage or a token
+/// service after it when there was any.
+fn split_text(p: crate::recording::Split) -> String {
+    let mut text = format!("{:.2}s / {:.2}s / {:.2}s", p.client, p.registry, p.moving);
+    for (party, name) in [(Party::Storage, "storage"), (Party::Auth, "auth")] {
+        if p.get(party) > 0.0 {
+            text += &format!(" + {:.2}s {name}", p.get(party));
+        }
+    }
+    text
 }
 
 /// The whole table for one transfer.
@@ -190,8 +207,7 @@ pub fn render(t: &Transfer) -> String {
     let _ = writeln!(s, "  {heading:<width$}  {:>10}  {:>7}  {:>26}", "time", "share", "client / registry / moving");
     for row in &rows {
         let share = if t.wall_seconds > 0.0 { 100.0 * row.seconds / t.wall_seconds } else { 0.0 };
-        let split =
-            row.split.map(|p| format!("{:.2}s / {:.2}s / {:.2}s", p.client, p.registry, p.moving)).unwrap_or_default();
+        let split = row.split.map(split_text).unwrap_or_default();
         let _ = writeln!(s, "  {:<width$}  {:>9.3}s  {:>6.1}%  {:>26}", row.operation, row.seconds, share, split);
     }
     let _ = writeln!(s, "  {:<width$}  {:>9.3}s  {:>6.1}%", "total (wall)", t.wall_seconds, 100.0);
@@ -256,7 +272,7 @@ mod tests {
             commit: 0.5,
             gap: 1.0,
             total: 10.0,
-            transfer_split: Split { client: 6.0, registry: 1.0, moving: 1.0, storage: 0.0 },
+            transfer_split: Split { client: 6.0, registry: 1.0, moving: 1.0, ..Split::default() },
             bytes: 37_124_367,
         };
         Transfer {
@@ -269,7 +285,7 @@ mod tests {
             client: "127.0.0.1".into(),
             started_unix_ms: 0,
             wall_seconds: 10.0,
-            parties: Split { client: 8.2, registry: 1.1, moving: 0.7, storage: 0.0 },
+            parties: Split { client: 8.2, registry: 1.1, moving: 0.7, ..Split::default() },
             bytes: 37_124_367,
             blobs: vec![Blob {
                 digest: Some("sha256:0123456789abcdef".into()),

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::presentation::report::bytes;
-use crate::presentation::waterfall::{escape, render_svg, request_label, CLIENT, MOVING, REGISTRY, STORAGE};
+use crate::presentation::waterfall::{escape, render_svg, request_label, AUTH, CLIENT, MOVING, REGISTRY, STORAGE};
 use crate::recording::Split;
 use crate::recording::{LiveTransfer, Transfer};
 
@@ -26,10 +26,11 @@ fn page(title: &str, refresh: Option<u32>, body: &str) -> String {
 fn shares_bar(parties: &Split, wall: f64) -> String {
     let pct = |x: f64| if wall > 0.0 { 100.0 * x / wall } else { 0.0 };
     format!(
-        r#"<div class="bar" title="client {c:.1} %, registry {r:.1} %, storage {s:.1} %, moving {m:.1} %"><span class="client" style="width:{c:.2}%;background:{CLIENT}"></span><span class="registry" style="width:{r:.2}%;background:{REGISTRY}"></span><span class="storage" style="width:{s:.2}%;background:{STORAGE}"></span><span class="moving" style="width:{m:.2}%;background:{MOVING}"></span></div>"#,
+        r#"<div class="bar" title="client {c:.1} %, registry {r:.1} %, storage {s:.1} %, auth {a:.1} %, moving {m:.1} %"><span class="client" style="width:{c:.2}%;background:{CLIENT}"></span><span class="registry" style="width:{r:.2}%;background:{REGISTRY}"></span><span class="storage" style="width:{s:.2}%;background:{STORAGE}"></span><span class="auth" style="width:{a:.2}%;background:{AUTH}"></span><span class="moving" style="width:{m:.2}%;background:{MOVING}"></span></div>"#,
         c = pct(parties.client),
         r = pct(parties.registry),
         s = pct(parties.storage),
+        a = pct(parties.auth),
         m = pct(parties.moving),
     )
 }

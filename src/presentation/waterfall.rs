@@ -16,6 +16,7 @@ pub(crate) const CLIENT: &str = "#d1495b";
 pub(crate) const REGISTRY: &str = "#edae49";
 pub(crate) const MOVING: &str = "#00798c";
 pub(crate) const STORAGE: &str = "#6a4c93";
+pub(crate) const AUTH: &str = "#8d6e63";
 
 const WIDTH: f64 = 1100.0;
 const LABEL: f64 = 330.0;
@@ -64,8 +65,13 @@ pub(crate) fn pieces(r: &RequestView) -> Vec<(&'static str, f64, f64)> {
         let length = segment.to - segment.from;
         let mut at = segment.from;
         let mix = segment.mix;
-        let parts =
-            [("client", mix.client), ("registry", mix.registry), ("storage", mix.storage), ("moving", mix.moving)];
+        let parts = [
+            ("client", mix.client),
+            ("registry", mix.registry),
+            ("storage", mix.storage),
+            ("auth", mix.auth),
+            ("moving", mix.moving),
+        ];
         for (party, share) in parts {
             let seconds = share * length;
             if seconds > 0.0 {
@@ -82,6 +88,7 @@ fn colour(party: &str) -> &'static str {
         "client" => CLIENT,
         "registry" => REGISTRY,
         "storage" => STORAGE,
+        "auth" => AUTH,
         _ => MOVING,
     }
 }
@@ -107,6 +114,9 @@ pub fn render_svg(t: &Transfer) -> String {
     let mut legend = vec![("client", "waiting on client"), ("registry", "waiting on registry")];
     if t.parties.storage > 0.0 {
         legend.push(("storage", "waiting on storage"));
+    }
+    if t.parties.auth > 0.0 {
+        legend.push(("auth", "waiting on auth"));
     }
     legend.push(("moving", "bytes moving"));
     for (i, (party, name)) in legend.into_iter().enumerate() {

@@ -69,6 +69,7 @@ operations! {
     Catalog => "catalog", V2;
     StorageGet => "storage_get", Other;
     StorageHead => "storage_head", Other;
+    AuthToken => "auth_token", Other;
     V1Ping => "v1_ping", V1;
     V1RepositoryPut => "v1_repository_put", V1;
     V1RepositoryImagesGet => "v1_repository_images_get", V1;
@@ -175,6 +176,8 @@ closed_set! {
         Moving => "transfer",
         /// The object storage or CDN a registry redirected a blob to.
         Storage => "storage",
+        /// The token service a registry sent the client to (its `WWW-Authenticate` realm).
+        Auth => "auth",
     }
 }
 
@@ -205,6 +208,7 @@ impl Operation {
     pub fn upstream(self) -> Party {
         match self {
             Operation::StorageGet | Operation::StorageHead => Party::Storage,
+            Operation::AuthToken => Party::Auth,
             _ => Party::Registry,
         }
     }

@@ -14,6 +14,9 @@ pub struct Split {
     /// The storage or CDN a registry redirected blobs to.
     #[serde(default)]
     pub storage: f64,
+    /// The token service the registry sent the client to.
+    #[serde(default)]
+    pub auth: f64,
 }
 
 impl Split {
@@ -31,6 +34,7 @@ impl Split {
             Party::Registry => self.registry,
             Party::Moving => self.moving,
             Party::Storage => self.storage,
+            Party::Auth => self.auth,
         }
     }
 
@@ -40,6 +44,7 @@ impl Split {
             Party::Registry => &mut self.registry,
             Party::Moving => &mut self.moving,
             Party::Storage => &mut self.storage,
+            Party::Auth => &mut self.auth,
         }
     }
 

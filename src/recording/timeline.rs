@@ -59,7 +59,7 @@ impl BodyView {
         let active = self.active();
         let client = self.client_wait.min(active);
         let registry = self.registry_wait.min(active - client);
-        Split { client, registry, moving: active - client - registry, storage: 0.0 }
+        Split { client, registry, moving: active - client - registry, ..Split::default() }
     }
 }
 
@@ -235,12 +235,14 @@ pub(super) fn attribute(requests: &[RequestView], wall: f64) -> Split {
             all_client.push(mix.client);
             waiting.registry += mix.registry;
             waiting.storage += mix.storage;
+            waiting.auth += mix.auth;
         } else {
             active -= 1;
             none_moving.pop(1.0 - mix.moving);
             all_client.pop(mix.client);
             waiting.registry -= mix.registry;
             waiting.storage -= mix.storage;
+            waiting.auth -= mix.auth;
         }
     }
     if wall > at {
@@ -269,11 +271,13 @@ fn add_interval(shares: &mut Split, len: f64, active: usize, none_moving: f64, a
     shares.moving += (1.0 - none_moving) * len;
     shares.client += all_client * len;
     let upstream = (none_moving - all_client).max(0.0) * len;
-    let storage = waiting.storage.max(0.0);
-    let weight = waiting.registry.max(0.0) + storage;
-    let to_storage = if weight > 0.0 { upstream * storage / weight } else { 0.0 };
+    let (storage, auth) = (waiting.storage.max(0.0), waiting.auth.max(0.0));
+    let weight = waiting.registry.max(0.0) + storage + auth;
+    let part = |w: f64| if weight > 0.0 { upstream * w / weight } else { 0.0 };
+    let (to_storage, to_auth) = (part(storage), part(auth));
     shares.storage += to_storage;
-    shares.registry += upstream - to_storage;
+    shares.auth += to_auth;
+    shares.registry += upstream - to_storage - to_auth;
 }
 
 /// A product of factors in [0, 1] that factors can leave again: logarithms of the non-zero
@@ -411,6 +415,7 @@ mod tests {
             for s in &active {
                 waiting.registry += s.mix.registry;
                 waiting.storage += s.mix.storage;
+                waiting.auth += s.mix.auth;
             }
             add_interval(&mut shares, b - a, active.len(), none_moving, all_client, &waiting);
         }

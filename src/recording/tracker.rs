@@ -67,9 +67,26 @@ pub(super) struct State {
     pub(super) finished_requests: usize,
     /// Manifests seen pushed or fetched, for pulls that only ask `HEAD`.
     known: KnownManifests,
+    /// Token requests of a client for a repository it has no transfer of yet, waiting for one.
+    held_tokens: HashMap<(IpAddr, Arc<str>), Vec<ExchangeRecord>>,
 }
 
 impl State {
+    /// Keeps a token request that no open transfer claims, for the transfer its client starts
+    /// next on that repository; bounded like everything else.
+    fn hold_token_request(&mut self, record: ExchangeRecord) {
+        const CLIENTS: usize = 1024;
+        const PER_CLIENT: usize = 8;
+        let (Operation::AuthToken, Some(repository)) = (record.operation, record.repository.clone()) else { return };
+        if self.held_tokens.len() >= CLIENTS {
+            self.held_tokens.clear();
+        }
+        let held = self.held_tokens.entry((record.client.ip(), repository)).or_default();
+        if held.len() < PER_CLIENT {
+            held.push(record);
+        }
+    }
+
     /// Closes a session, giving back the requests it held.
     fn remove(&mut self, key: &Key) -> Option<Session> {
         let session = self.open.remove(key)?;
@@ -178,6 +195,14 @@ impl Tracker {
             }
             state.v1_current.insert(client, (repo, direction));
         }
+        // A token request belongs to whichever transfer of its repository its client has open
+        // (the request the registry challenged opened it); the most recently active one.
+        if op == Operation::AuthToken {
+            let repository = repository?;
+            let keys =
+                TransferDirection::ALL.map(|direction| Key { client, repository: repository.clone(), direction });
+            return keys.into_iter().filter(|k| state.open.contains_key(k)).max_by_key(|k| state.open[k].last_activity);
+        }
         if is_v1_image_op(op) {
             let (repo, current) = state.v1_current.get(&client)?;
             // An image json GET is an existence check in a push, a fetch in a pull.
@@ -206,7 +231,18 @@ impl Tracker {
                 evicted = state.remove(&oldest).map(|s| (oldest, s));
             }
         }
-        state.open.insert(key.clone(), Session::new(api, now));
+        let mut session = Session::new(api, now);
+        // Token requests made before the transfer's first request (clients fetch the token for a
+        // repository's scope ahead of using it) are its first requests.
+        if let Some(held) = state.held_tokens.remove(&(key.client, key.repository.clone())) {
+            for record in held.into_iter().filter(|r| now.saturating_duration_since(r.ended) < self.config.idle_timeout)
+            {
+                session.base = session.base.min(record.received);
+                session.records.push(record);
+                state.held_requests += 1;
+            }
+        }
+        state.open.insert(key.clone(), session);
         evicted
     }
 
@@ -273,7 +309,10 @@ impl ExchangeSink for Tracker {
                 Some(key) => key,
                 None => match Self::key_for(state, &record) {
                     Some(key) => key,
-                    None => return,
+                    None => {
+                        state.hold_token_request(record);
+                        return;
+                    }
                 },
             };
             evicted = self.open_session(state, &key, record.api, now);

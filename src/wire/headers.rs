@@ -198,12 +198,12 @@ impl Origin<'_> {
     }
 
     /// Host and port, with the scheme's default port made explicit, host lowercased.
-    fn host_port(&self) -> (String, Option<&str>) {
+    pub(crate) fn host_port(&self) -> (String, Option<&str>) {
         let (host, port) = split_authority(self.authority);
         (host.to_ascii_lowercase(), port.or(self.default_port()))
     }
 
-    fn same_as(&self, other: &Origin<'_>) -> bool {
+    pub(crate) fn same_as(&self, other: &Origin<'_>) -> bool {
         self.scheme.eq_ignore_ascii_case(other.scheme) && self.host_port() == other.host_port()
     }
 }
@@ -242,48 +242,16 @@ pub fn rewrite_location(location: &str, upstream: &Origin<'_>, client: &Origin<'
     Some(format!("{}://{}{}", client.scheme, client.authority, tail))
 }
 
-/// Whether an absolute `location` names a host that is neither the upstream nor regscope as the
-/// client reached it: a redirect away from the registry (object storage, a CDN).
-pub fn points_elsewhere(location: &str, upstream: &Origin<'_>, client: &Origin<'_>) -> bool {
-    let Some((scheme, rest)) = location.split_once("://") else { return false };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let target = Origin { scheme, authority: &rest[..authority_end] };
-    !target.authority.is_empty() && target.host_port() != upstream.host_port() && !target.same_as(client)
-}
-
-/// The request headers sent on to the storage a registry redirected to: what a fetch of a signed
-/// URL needs (ranges, conditions, content negotiation) and nothing that could carry credentials
-/// (`Authorization`, `Cookie`) or point elsewhere. `Host` is the storage's own.
-pub(crate) fn storage_request_headers(from: &HeaderMap, host: &HeaderValue) -> HeaderMap {
-    const PASSED: [HeaderName; 9] = [
-        header::RANGE,
-        header::IF_RANGE,
-        header::IF_MATCH,
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-        header::IF_UNMODIFIED_SINCE,
-        header::ACCEPT,
-        header::ACCEPT_ENCODING,
-        header::USER_AGENT,
-    ];
-    let mut to = HeaderMap::with_capacity(PASSED.len() + 1);
-    for name in PASSED {
-        for value in from.get_all(&name) {
-            to.append(name.clone(), value.clone());
-        }
-    }
-    to.insert(header::HOST, host.clone());
-    to
-}
-
 /// Query parameters whose values are secrets or signed state: never logged.
 pub const SECRET_PARAMS: &[&str] = &["_state", "token", "access_token", "refresh_token", "password"];
 
 /// A path and query fit for a log: secret query values replaced by `REDACTED`.
 pub fn redact_path(path_and_query: &str) -> std::borrow::Cow<'_, str> {
     // A redirect handle is a capability for as long as it lives.
-    if path_and_query.starts_with(crate::wire::redirects::PREFIX) {
-        return format!("{}REDACTED", crate::wire::redirects::PREFIX).into();
+    for prefix in [crate::wire::redirects::PREFIX, crate::wire::redirects::AUTH_PREFIX] {
+        if path_and_query.starts_with(prefix) {
+            return format!("{prefix}REDACTED").into();
+        }
     }
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.into();

@@ -1,6 +1,7 @@
 //! The wire: listeners and TLS, one exchange forwarded end to end, the upstream pool, header
 //! and `Location` rewriting, and the errors a client sees when the registry cannot answer.
 
+pub(crate) mod elsewhere;
 pub(crate) mod error;
 pub mod headers;
 pub(crate) mod proxy;

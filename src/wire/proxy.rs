@@ -20,10 +20,11 @@ use crate::body::{Exchange, Recorders, ResponseInfo};
 use crate::limits::admission::{self, Admission};
 use crate::protocol::CAPTURE_LIMIT;
 use crate::protocol::{classify, Operation, Route};
-use crate::protocol::{BodyEnd, Direction, Redirected};
+use crate::protocol::{percent_decode, query_param, BodyEnd, Direction, Party, Redirected};
+use crate::wire::elsewhere;
 use crate::wire::error::{classify_client_error, ClientFault, ProxyError};
 use crate::wire::headers::{self, ClientView, HostMode, Origin};
-use crate::wire::redirects::{Redirect, Redirects, PREFIX};
+use crate::wire::redirects::{Kind, Redirect, Redirects, AUTH_PREFIX, PREFIX};
 use crate::wire::upstream::{UpstreamTarget, Upstreams};
 
 /// The body of every response regscope sends: the registry's, streamed and timed, or one of
@@ -68,8 +69,12 @@ pub(crate) struct Proxy {
     /// `None`: uploads stream through without waiting for a slot.
     pub admission: Option<Arc<Admission>>,
     pub recorders: Arc<Recorders>,
-    /// Redirect handles; `None`: redirects to other hosts pass to the client untouched.
-    pub redirects: Option<Arc<Redirects>>,
+    /// Handles for redirects to other hosts and for token realms.
+    pub redirects: Arc<Redirects>,
+    /// Whether redirects to storage go through regscope (`--redirects capture`).
+    pub capture_storage: bool,
+    /// Whether token requests to a registry's auth realm go through regscope.
+    pub capture_auth: bool,
 }
 
 /// Where an exchange is forwarded.
@@ -78,6 +83,19 @@ enum Target {
     Registry,
     /// The storage a registry redirected to, at the URL the handle stands for.
     Storage(Redirect),
+    /// A registry's token service: its realm, with the client's query.
+    Auth(http::Uri),
+}
+
+impl Target {
+    /// The URL of a target other than the registry.
+    fn url(&self) -> Option<&http::Uri> {
+        match self {
+            Target::Registry => None,
+            Target::Storage(redirect) => Some(&redirect.url),
+            Target::Auth(url) => Some(url),
+        }
+    }
 }
 
 impl Proxy {
@@ -101,30 +119,34 @@ impl Proxy {
         };
 
         let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let (target, refusal) = match req.uri().path().strip_prefix(PREFIX) {
-            Some(_) if refusal.is_some() => (Target::Registry, refusal),
-            Some(handle) => match self.storage_target(req.method(), handle) {
-                Ok(redirect) => (Target::Storage(redirect), None),
-                Err(error) => (Target::Registry, Some(error)),
-            },
-            None => (Target::Registry, refusal),
+        let target = match refusal {
+            Some(refusal) => Err(refusal),
+            None => self.target(req.method(), req.uri()),
         };
-        let route = match (&target, &refusal) {
-            (_, Some(_)) => Route::op(Operation::Other),
-            (Target::Storage(redirect), None) => Route {
+        // A token request names its repository in its scope (`repository:NAME:pull,push`).
+        let scope = match &target {
+            Ok(Target::Auth(_)) => scope_repository(req.uri().query()),
+            _ => None,
+        };
+        let route = match &target {
+            Err(_) => Route::op(Operation::Other),
+            Ok(Target::Registry) => classify(req.method(), req.uri().path(), req.uri().query()),
+            Ok(Target::Storage(redirect)) => Route {
                 operation: if req.method() == Method::HEAD { Operation::StorageHead } else { Operation::StorageGet },
                 repository: redirect.repository.as_deref(),
                 digest: redirect.digest.as_deref(),
                 ..Route::op(Operation::Other)
             },
-            (Target::Registry, None) => classify(req.method(), req.uri().path(), req.uri().query()),
+            Ok(Target::Auth(_)) => Route { repository: scope.as_deref(), ..Route::op(Operation::AuthToken) },
         };
         let exchange = Exchange::start(&route, req.method(), conn.peer, path_and_query, self.recorders.clone());
-
-        if let Some(refusal) = refusal {
-            exchange.set_status(refusal.status().as_u16());
-            return Ok(refusal.to_response().map(Either::Right));
-        }
+        let target = match target {
+            Ok(target) => target,
+            Err(refusal) => {
+                exchange.set_status(refusal.status().as_u16());
+                return Ok(refusal.to_response().map(Either::Right));
+            }
+        };
         Ok(match self.forward(req, conn, &exchange, &target).await {
             Ok(response) => response,
             Err(error) => {
@@ -144,13 +166,32 @@ impl Proxy {
         })
     }
 
-    /// Where a redirect handle leads: GET and HEAD only, and only while the handle lives.
-    fn storage_target(&self, method: &Method, handle: &str) -> Result<Redirect, ProxyError> {
-        let redirects = self.redirects.as_ref().ok_or(ProxyError::UnknownRedirect)?;
-        if method != Method::GET && method != Method::HEAD {
-            return Err(ProxyError::MethodNotAllowed(method.to_string()));
+    /// Where a request goes: a storage handle (GET and HEAD) or a realm handle (GET, and POST
+    /// for OAuth2 refresh tokens) while it lives, and anything else to the registry.
+    fn target(&self, method: &Method, uri: &http::Uri) -> Result<Target, ProxyError> {
+        let now = Instant::now();
+        let refuse = || Err(ProxyError::MethodNotAllowed(method.to_string()));
+        if let Some(handle) = uri.path().strip_prefix(PREFIX) {
+            if !self.capture_storage {
+                return Err(ProxyError::UnknownRedirect);
+            }
+            if method != Method::GET && method != Method::HEAD {
+                return refuse();
+            }
+            let redirect = self.redirects.resolve(handle, Kind::Storage, now);
+            return redirect.map(Target::Storage).ok_or(ProxyError::UnknownRedirect);
         }
-        redirects.resolve(handle, Instant::now()).ok_or(ProxyError::UnknownRedirect)
+        if let Some(handle) = uri.path().strip_prefix(AUTH_PREFIX) {
+            if !self.capture_auth {
+                return Err(ProxyError::UnknownRedirect);
+            }
+            if method != Method::GET && method != Method::POST {
+                return refuse();
+            }
+            let realm = self.redirects.resolve(handle, Kind::Auth, now).ok_or(ProxyError::UnknownRedirect)?;
+            return with_query(&realm.url, uri.query()).map(Target::Auth).ok_or(ProxyError::UnknownRedirect);
+        }
+        Ok(Target::Registry)
     }
 
     async fn forward(
@@ -175,11 +216,15 @@ impl Proxy {
                     .uri_for(parts.uri.path_and_query())
                     .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
             }
-            Target::Storage(redirect) => {
-                let host = redirect.url.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            Target::Storage(_) | Target::Auth(_) => {
+                let url = target.url().expect("not the registry");
+                let host = url.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
                 let host = host.ok_or(ProxyError::UnknownRedirect)?;
-                parts.headers = headers::storage_request_headers(&parts.headers, &host);
-                parts.uri = redirect.url.clone();
+                parts.headers = match target {
+                    Target::Auth(_) => elsewhere::auth_request_headers(&parts.headers, &host),
+                    _ => elsewhere::storage_request_headers(&parts.headers, &host),
+                };
+                parts.uri = url.clone();
             }
         }
         parts.version = Version::HTTP_11;
@@ -203,9 +248,9 @@ impl Proxy {
             _ => None,
         };
         exchange.mark_forwarded();
-        let upstream_name = match target {
-            Target::Registry => self.upstream.display.as_str(),
-            Target::Storage(redirect) => redirect.url.authority().map_or("storage", |a| a.as_str()),
+        let upstream_name = match target.url() {
+            None => self.upstream.display.as_str(),
+            Some(url) => url.authority().map_or("", |a| a.as_str()),
         };
         let request = Request::from_parts(parts, Box::new(body));
         let response = self.await_response(request, sends_body, exchange, upstream_name).await;
@@ -213,22 +258,23 @@ impl Proxy {
         let response = response?;
 
         let (mut parts, body) = response.into_parts();
-        let upstream_origin = match target {
-            Target::Registry => {
-                Origin { scheme: self.upstream.scheme.as_str(), authority: self.upstream.authority.as_str() }
-            }
-            Target::Storage(redirect) => Origin {
-                scheme: redirect.url.scheme_str().unwrap_or("http"),
-                authority: redirect.url.authority().map_or("", |a| a.as_str()),
+        let upstream_origin = match target.url() {
+            None => Origin { scheme: self.upstream.scheme.as_str(), authority: self.upstream.authority.as_str() },
+            Some(url) => Origin {
+                scheme: url.scheme_str().unwrap_or("http"),
+                authority: url.authority().map_or("", |a| a.as_str()),
             },
         };
         let client_origin = client_host.map(|authority| Origin { scheme: conn.scheme(), authority });
         let info = response_info(&parts.headers);
         let declared = info.content_length;
         headers::forward_response_headers(&mut parts.headers, &upstream_origin, client_origin.as_ref());
-        if parts.status.is_redirection() {
-            if let Some(client) = &client_origin {
+        if let Some(client) = &client_origin {
+            if parts.status.is_redirection() {
                 self.capture_redirect(&mut parts.headers, &upstream_origin, client, exchange);
+            }
+            if parts.status == http::StatusCode::UNAUTHORIZED && matches!(target, Target::Registry) {
+                self.capture_realm(&mut parts.headers, client);
             }
         }
         let capture = parts.status.is_success()
@@ -299,24 +345,65 @@ impl Proxy {
         exchange: &Exchange,
     ) {
         let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else { return };
-        if !headers::points_elsewhere(location, upstream, client) {
+        if !elsewhere::points_elsewhere(location, upstream, client) {
             return;
         }
-        let metrics = &self.recorders.metrics;
-        let captured = self.redirects.as_ref().and_then(|redirects| {
+        let captured = self.capture_storage.then(|| {
             let url: http::Uri = location.parse().ok()?;
             let info = exchange.info();
-            let handle = redirects.capture(url, info.repository.as_deref(), info.digest.as_deref(), Instant::now())?;
+            let handle =
+                self.redirects.capture(url, info.repository.as_deref(), info.digest.as_deref(), Instant::now())?;
             HeaderValue::from_str(&format!("{}://{}{PREFIX}{handle}", client.scheme, client.authority)).ok()
         });
-        match captured {
+        let handling = match captured.flatten() {
             Some(value) => {
                 headers.insert(header::LOCATION, value);
-                metrics.redirects.with_label_values(&[Redirected::Captured.as_str()]).inc();
+                Redirected::Captured
             }
-            None => metrics.redirects.with_label_values(&[Redirected::Passed.as_str()]).inc(),
-        }
+            None => Redirected::Passed,
+        };
+        self.recorders.metrics.redirects.with_label_values(&[Party::Storage.as_str(), handling.as_str()]).inc();
     }
+
+    /// A `Bearer` challenge's realm becomes a regscope URL under a handle (when auth is captured),
+    /// so the client's token requests come through here; either way it is counted.
+    fn capture_realm(&self, headers: &mut http::HeaderMap, client: &Origin<'_>) {
+        let challenges: Vec<HeaderValue> = headers.get_all(header::WWW_AUTHENTICATE).iter().cloned().collect();
+        if !challenges.iter().any(|c| c.to_str().ok().and_then(elsewhere::bearer_realm).is_some()) {
+            return;
+        }
+        let mut handling = Redirected::Passed;
+        if self.capture_auth {
+            headers.remove(header::WWW_AUTHENTICATE);
+            for challenge in challenges {
+                let rewritten = challenge.to_str().ok().and_then(|text| {
+                    let range = elsewhere::bearer_realm(text)?;
+                    let handle = self.redirects.capture_realm(text[range.clone()].parse().ok()?, Instant::now())?;
+                    let realm = format!("{}://{}{AUTH_PREFIX}{handle}", client.scheme, client.authority);
+                    HeaderValue::from_str(&format!("{}{realm}{}", &text[..range.start], &text[range.end..])).ok()
+                });
+                if rewritten.is_some() {
+                    handling = Redirected::Captured;
+                }
+                headers.append(header::WWW_AUTHENTICATE, rewritten.unwrap_or(challenge));
+            }
+        }
+        self.recorders.metrics.redirects.with_label_values(&[Party::Auth.as_str(), handling.as_str()]).inc();
+    }
+}
+
+/// `realm` with the client's query added: the token request's service and scope, as it sent them.
+fn with_query(realm: &http::Uri, query: Option<&str>) -> Option<http::Uri> {
+    let Some(query) = query.filter(|q| !q.is_empty()) else { return Some(realm.clone()) };
+    let separator = if realm.query().is_some() { '&' } else { '?' };
+    format!("{realm}{separator}{query}").parse().ok()
+}
+
+/// The repository a token request's first repository scope names.
+fn scope_repository(query: Option<&str>) -> Option<String> {
+    let scope = percent_decode(query_param(query, "scope")?).into_owned();
+    let name = scope.strip_prefix("repository:")?.rsplit_once(':')?.0;
+    Some(name.to_owned())
 }
 
 /// The response headers the transfer tracker needs, read before they are forwarded.

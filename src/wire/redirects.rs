@@ -19,6 +19,17 @@ use tokio::time::Instant;
 
 /// The path redirected blobs are fetched under; no registry route starts with `/_`.
 pub(crate) const PREFIX: &str = "/_regscope/storage/";
+/// The path token requests to a registry's auth realm are sent to.
+pub(crate) const AUTH_PREFIX: &str = "/_regscope/auth/";
+
+/// What a handle stands for: a handle of one kind is unknown under the other's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A presigned storage or CDN URL for one blob.
+    Storage,
+    /// A token service's realm URL.
+    Auth,
+}
 
 /// Where a handle leads.
 #[derive(Debug, Clone)]
@@ -28,6 +39,7 @@ pub(crate) struct Redirect {
     /// The repository and digest of the request that was redirected, for the transfer it joins.
     pub repository: Option<Box<str>>,
     pub digest: Option<Box<str>>,
+    kind: Kind,
     expires: Instant,
 }
 
@@ -62,10 +74,32 @@ impl Redirects {
         digest: Option<&str>,
         now: Instant,
     ) -> Option<String> {
+        let expires = now + url_lifetime(&url).map_or(Self::TTL, |life| life.min(Self::TTL));
+        let repository = repository.map(Box::from);
+        self.insert(Redirect { url, repository, digest: digest.map(Box::from), kind: Kind::Storage, expires })
+    }
+
+    /// A handle for a token service's `realm`: the live one made for the same realm if there is
+    /// one (a client meets the same challenge again and again), a new one otherwise.
+    pub(crate) fn capture_realm(&self, realm: http::Uri, now: Instant) -> Option<String> {
+        {
+            let table = self.lock();
+            let live = table
+                .entries
+                .iter()
+                .rev()
+                .find(|(_, r)| r.kind == Kind::Auth && r.url == realm && r.expires > now + Self::TTL / 2);
+            if let Some((key, _)) = live {
+                return Some(hex(key));
+            }
+        }
+        let expires = now + Self::TTL;
+        self.insert(Redirect { url: realm, repository: None, digest: None, kind: Kind::Auth, expires })
+    }
+
+    fn insert(&self, redirect: Redirect) -> Option<String> {
         let mut key = [0u8; 16];
         self.random.fill(&mut key).ok()?;
-        let expires = now + url_lifetime(&url).map_or(Self::TTL, |life| life.min(Self::TTL));
-        let redirect = Redirect { url, repository: repository.map(Box::from), digest: digest.map(Box::from), expires };
         let mut table = self.lock();
         while table.entries.len() >= Self::CAPACITY {
             table.entries.pop_front();
@@ -74,12 +108,12 @@ impl Redirects {
         Some(hex(&key))
     }
 
-    /// Where `handle` leads, if it is live.
-    pub(crate) fn resolve(&self, handle: &str, now: Instant) -> Option<Redirect> {
+    /// Where `handle` of `kind` leads, if it is live.
+    pub(crate) fn resolve(&self, handle: &str, kind: Kind, now: Instant) -> Option<Redirect> {
         let key = parse_hex(handle)?;
         let mut table = self.lock();
         table.entries.retain(|(_, r)| r.expires > now);
-        table.entries.iter().find(|(k, _)| *k == key).map(|(_, r)| r.clone())
+        table.entries.iter().find(|(k, r)| *k == key && r.kind == kind).map(|(_, r)| r.clone())
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -131,14 +165,20 @@ mod tests {
         let presigned = url("http://127.0.0.1:9/b/blob?X-Amz-Expires=60&X-Amz-Signature=ab");
         let handle = redirects.capture(presigned.clone(), Some("team/app"), Some("sha256:aa"), now).unwrap();
         assert_eq!(handle.len(), 32);
-        let found = redirects.resolve(&handle, now + Duration::from_secs(59)).unwrap();
+        let found = redirects.resolve(&handle, Kind::Storage, now + Duration::from_secs(59)).unwrap();
         assert_eq!(found.url, presigned);
         assert_eq!((found.repository.as_deref(), found.digest.as_deref()), (Some("team/app"), Some("sha256:aa")));
-        assert!(redirects.resolve(&handle, now + Duration::from_secs(61)).is_none(), "expired with the URL");
-        assert!(redirects.resolve(&handle, now).is_none(), "and gone for good");
+        assert!(
+            redirects.resolve(&handle, Kind::Storage, now + Duration::from_secs(61)).is_none(),
+            "expired with the URL"
+        );
+        assert!(redirects.resolve(&handle, Kind::Storage, now).is_none(), "and gone for good");
         let plain = redirects.capture(url("http://127.0.0.1:9/cdn/blob"), None, None, now).unwrap();
-        assert!(redirects.resolve(&plain, now + Redirects::TTL - Duration::from_secs(1)).is_some());
-        assert!(redirects.resolve(&plain, now + Redirects::TTL).is_none(), "bounded without a date in the URL");
+        assert!(redirects.resolve(&plain, Kind::Storage, now + Redirects::TTL - Duration::from_secs(1)).is_some());
+        assert!(
+            redirects.resolve(&plain, Kind::Storage, now + Redirects::TTL).is_none(),
+            "bounded without a date in the URL"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -155,9 +195,9 @@ mod tests {
             handle[..31].to_owned(),
             String::new(),
         ] {
-            assert!(redirects.resolve(&bad, now).is_none(), "{bad:?}");
+            assert!(redirects.resolve(&bad, Kind::Storage, now).is_none(), "{bad:?}");
         }
-        assert!(redirects.resolve(&handle, now).is_some());
+        assert!(redirects.resolve(&handle, Kind::Storage, now).is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -167,7 +207,20 @@ mod tests {
         let handles: Vec<String> =
             (0..10_000).map(|i| redirects.capture(url(&format!("http://s/{i}")), None, None, now).unwrap()).collect();
         assert_eq!(redirects.len(), Redirects::CAPACITY);
-        assert!(redirects.resolve(&handles[0], now).is_none(), "the oldest made room");
-        assert!(redirects.resolve(handles.last().unwrap(), now).is_some());
+        assert!(redirects.resolve(&handles[0], Kind::Storage, now).is_none(), "the oldest made room");
+        assert!(redirects.resolve(handles.last().unwrap(), Kind::Storage, now).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_realm_keeps_its_handle_and_the_kinds_do_not_mix() {
+        let redirects = Redirects::new();
+        let now = Instant::now();
+        let realm = url("http://127.0.0.1:9/token");
+        let first = redirects.capture_realm(realm.clone(), now).unwrap();
+        assert_eq!(redirects.capture_realm(realm.clone(), now + Duration::from_secs(60)).unwrap(), first);
+        assert!(redirects.resolve(&first, Kind::Storage, now).is_none(), "an auth handle is no storage handle");
+        assert_eq!(redirects.resolve(&first, Kind::Auth, now).unwrap().url, realm);
+        let later = redirects.capture_realm(realm, now + Redirects::TTL).unwrap();
+        assert_ne!(later, first, "a new handle well before the old one expires");
     }
 }

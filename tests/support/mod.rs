@@ -20,6 +20,7 @@ mod regscope;
 pub mod replay;
 mod storage;
 pub mod timing;
+mod token;
 
 pub use docker::{containerd_socket, ctr, docker, Docker};
 pub use image::{sha256_digest, sha256_file, LayerInfo, TestImage};
@@ -28,3 +29,4 @@ pub use process::{check, check_bytes, eventually, output, skopeo, TempDir};
 pub use registry::{LoggedRequest, Registry, RegistryOptions};
 pub use regscope::{metric_sum, Regscope, RequestEvent};
 pub use storage::{ObjectStorage, SlowStorage};
+pub use token::{TokenService, SERVICE as TOKEN_SERVICE};

@@ -22,6 +22,8 @@ pub struct RegistryOptions {
     /// Store blobs in this S3 bucket (`http://…` endpoint, bucket name) instead of on disk, with
     /// distribution's storage redirects on: blob GETs answer 307 to a presigned URL.
     pub s3: Option<(String, String)>,
+    /// Token auth (`auth: token:`): the realm, and the token service's root certificate.
+    pub token: Option<(String, PathBuf)>,
 }
 
 /// One request as the registry's access log recorded it.
@@ -205,6 +207,14 @@ fn config_yaml(dir: &Path, addr: SocketAddr, opts: &RegistryOptions) -> String {
     );
     if let Some((cert, key)) = &opts.tls {
         yaml += &format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display());
+    }
+    if let Some((realm, root)) = &opts.token {
+        yaml += &format!(
+            "auth:\n  token:\n    realm: {realm}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            super::token::SERVICE,
+            super::token::ISSUER,
+            root.display()
+        );
     }
     if let Some(htpasswd) = &opts.htpasswd {
         yaml += &format!("auth:\n  htpasswd:\n    realm: regscope-test\n    path: {}\n", htpasswd.display());
