@@ -169,9 +169,9 @@ pub(crate) fn expect(s: &mut Session, blobs: &[BlobRef]) {
 /// what would matter for memory.
 pub(crate) const MAX_EXPECTED: usize = 4096;
 
-/// How many settle times a resolved pull that has fetched no blob yet (and had nothing fail) waits: before its first blob
-/// the client is still looking through its own store for what it lacks, which takes longer than
-/// the gap between two blobs (and longer still on a busy machine).
+/// How many settle times a resolved pull waits while it has fetched no blob and had nothing fail:
+/// before its first blob the client is still looking through its own store for what it lacks,
+/// which takes longer than the gap between two blobs (and longer still on a busy machine).
 const FIRST_BLOB_SETTLES: u32 = 5;
 
 impl Session {

@@ -131,7 +131,6 @@ impl Tracker {
         self.lock().finished.iter().find(|t| t.id == id).cloned()
     }
 
-    /// Closes sessions idle for longer than the idle timeout. Called periodically.
     /// Closes pulls that have settled and sessions idle for longer than the idle timeout.
     /// Called periodically.
     pub(crate) fn sweep(&self, now: Instant) {

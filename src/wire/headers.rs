@@ -457,6 +457,8 @@ mod tests {
             ),
             ("/token?service=x&access_token=abc", "/token?service=x&access_token=REDACTED"),
             ("/x?_state", "/x?_state"),
+            ("/_regscope/storage/0123456789abcdef0123456789abcdef", "/_regscope/storage/REDACTED"),
+            ("/_regscope/auth/0123456789abcdef0123456789abcdef?scope=x", "/_regscope/auth/REDACTED"),
         ];
         for (input, want) in cases {
             assert_eq!(redact_path(input), *want);

@@ -169,7 +169,6 @@ impl Proxy {
     /// Where a request goes: a storage handle (GET and HEAD) or a realm handle (GET, and POST
     /// for OAuth2 refresh tokens) while it lives, and anything else to the registry.
     fn target(&self, method: &Method, uri: &http::Uri) -> Result<Target, ProxyError> {
-        let now = Instant::now();
         let refuse = || Err(ProxyError::MethodNotAllowed(method.to_string()));
         if let Some(handle) = uri.path().strip_prefix(PREFIX) {
             if !self.capture_storage {
@@ -178,7 +177,7 @@ impl Proxy {
             if method != Method::GET && method != Method::HEAD {
                 return refuse();
             }
-            let redirect = self.redirects.resolve(handle, Kind::Storage, now);
+            let redirect = self.redirects.resolve(handle, Kind::Storage, Instant::now());
             return redirect.map(Target::Storage).ok_or(ProxyError::UnknownRedirect);
         }
         if let Some(handle) = uri.path().strip_prefix(AUTH_PREFIX) {
@@ -188,7 +187,8 @@ impl Proxy {
             if method != Method::GET && method != Method::POST {
                 return refuse();
             }
-            let realm = self.redirects.resolve(handle, Kind::Auth, now).ok_or(ProxyError::UnknownRedirect)?;
+            let realm =
+                self.redirects.resolve(handle, Kind::Auth, Instant::now()).ok_or(ProxyError::UnknownRedirect)?;
             return with_query(&realm.url, uri.query()).map(Target::Auth).ok_or(ProxyError::UnknownRedirect);
         }
         Ok(Target::Registry)
