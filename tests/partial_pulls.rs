@@ -33,7 +33,8 @@ fn wait_pull(admin: SocketAddr, repository: &str, tag: &str, after: u64, timeout
         }
         assert!(
             Instant::now() < deadline,
-            "no finished pull of {repository}:{tag} (after #{after}) within {timeout:?}; regscope has:\n{}",
+            "no finished pull of {repository}:{tag} (after #{after}) within {timeout:?}; in progress:\n{}\nfinished:\n{}",
+            String::from_utf8_lossy(&support::http_get(admin, "/api/v1/live").body),
             serde_json::to_string_pretty(&all).unwrap()
         );
         std::thread::sleep(Duration::from_millis(25));

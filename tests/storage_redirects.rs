@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use regscope::{BlobOutcome, Operation, Outcome, TransferDirection};
+use regscope::{BlobOutcome, Operation, Outcome, Transfer, TransferDirection};
 use support::client::Conn;
 use support::replay::{
     assert_blobs_match, assert_shares_add_up, manifest_blobs, pretty, registry_manifest, report_table, report_text,
@@ -64,28 +64,34 @@ fn docker_and_skopeo_pulls_fetch_every_blob_byte_through_regscope_from_storage()
     let before = storage.presigned_gets();
     let src = format!("docker://{reference}");
     skopeo(&["copy", "--src-tls-verify=false", &src, &format!("dir:{}", out.path().display())]);
-    let copies: Vec<_> = support::replay::transfers(admin)
-        .into_iter()
-        .filter(|t| t.direction == TransferDirection::Pull && t.id > pull.id)
-        .collect();
-    let copy = copies.first().unwrap_or_else(|| panic!("no pull after #{}", pull.id));
-    assert_eq!(copy.outcome, Outcome::Complete, "{}", pretty(copy));
-    assert_blobs_match(copy, &stored, BlobOutcome::Fetched);
-    let gets = copy.requests.iter().filter(|r| r.operation == Operation::StorageGet).count();
-    assert_eq!(storage.presigned_gets() - before, gets);
+    let copy = assert_pulled_through_storage(admin, pull.id, &stored, &storage, before);
 
     // containerd: `ctr content fetch` follows the redirects too.
     let before = storage.presigned_gets();
     ctr(&format!("regscope-storage-{}", std::process::id()), &["content", "fetch", "--plain-http", &reference]);
-    let fetches: Vec<_> = support::replay::transfers(admin)
+    assert_pulled_through_storage(admin, copy.id, &stored, &storage, before);
+}
+
+/// The first pull after `after`: complete, every blob of `stored` fetched whole, each through a
+/// storage GET of regscope's, and the storage saw no download besides (`before`: its count then).
+fn assert_pulled_through_storage(
+    admin: std::net::SocketAddr,
+    after: u64,
+    stored: &[(String, u64)],
+    storage: &ObjectStorage,
+    before: usize,
+) -> Transfer {
+    let pulls = support::replay::transfers(admin);
+    let pull = pulls
         .into_iter()
-        .filter(|t| t.direction == TransferDirection::Pull && t.id > copy.id)
-        .collect();
-    let fetch = fetches.first().unwrap_or_else(|| panic!("no pull after #{}", copy.id));
-    assert_eq!(fetch.outcome, Outcome::Complete, "{}", pretty(fetch));
-    assert_blobs_match(fetch, &stored, BlobOutcome::Fetched);
-    let gets = fetch.requests.iter().filter(|r| r.operation == Operation::StorageGet).count();
+        .filter(|t| t.direction == TransferDirection::Pull && t.id > after)
+        .last()
+        .unwrap_or_else(|| panic!("no pull after #{after}"));
+    assert_eq!(pull.outcome, Outcome::Complete, "{}", pretty(&pull));
+    assert_blobs_match(&pull, stored, BlobOutcome::Fetched);
+    let gets = pull.requests.iter().filter(|r| r.operation == Operation::StorageGet).count();
     assert_eq!((gets, storage.presigned_gets() - before), (stored.len(), gets));
+    pull
 }
 
 #[test]
