@@ -195,17 +195,25 @@ fn skopeo_and_containerd_pull_what_they_lack_and_are_listed_complete() {
         listed(tag, "ctr content fetch");
     }
 
-    // containerd holds the manifest already: it asks HEAD for the tag and fetches only the blob it
-    // lacks; what the manifest names comes from the manifest regscope saw before.
+    // A client that holds the manifest already asks HEAD for the tag and fetches only the blob it
+    // lacks; what the manifest names comes from the manifest regscope saw before. containerd does
+    // this after `ctr content rm` of a layer, but not reliably so here (run after run it sometimes
+    // found nothing to fetch), so its two requests are made as it makes them.
     let (layer, _) = stored.last().unwrap();
-    ctr(&namespace, &["content", "rm", layer]);
-    fetch("top");
+    let host = proxy.to_string();
+    let mut conn = Conn::connect(proxy);
+    let accept = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json";
+    let head =
+        conn.request("HEAD", &format!("/v2/{repository}/manifests/top"), &[("Host", &host), ("Accept", accept)], b"");
+    assert_eq!(head.unwrap().status(), 200);
+    let blob = conn.request("GET", &format!("/v2/{repository}/blobs/{layer}"), &[("Host", &host)], b"").unwrap();
+    assert_eq!((blob.status(), blob.body.len() as u64), (200, stored.last().unwrap().1));
     let returned = Instant::now();
     let cached = wait_pull(admin, repository, "top", last, LISTED_WITHIN);
     let ops: Vec<Operation> = cached.requests.iter().map(|r| r.operation).collect();
     assert_eq!(ops, [Operation::ManifestHead, Operation::BlobGet], "HEAD, then the one blob it lacks");
     assert_eq!(blob_outcomes(&cached), expected(&stored, &[0, 1, 2]), "{}", pretty(&cached));
-    assert_partial(&cached, &stored, returned, "ctr content fetch, cached manifest");
+    assert_partial(&cached, &stored, returned, "cached manifest: HEAD, then the blob");
 }
 
 #[test]
