@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use regscope::{BlobKind, BlobOutcome, Operation, Outcome, Transfer, TransferDirection};
 use support::client::Conn;
 use support::replay::{manifest_blobs, pretty, registry_manifest, report_table, report_text, transfers, SCHEMA2};
-use support::{ctr, docker, skopeo, Registry, Regscope, TempDir, TestImage};
+use support::{ctr, docker, go_arch, skopeo, Registry, Regscope, TempDir, TestImage};
 
 /// How soon after the client returns the pull must be listed: the settle time (1 s by default)
 /// and a sweep.
@@ -275,12 +275,4 @@ fn manifest_digest(registry: SocketAddr, repository: &str, reference: &str) -> (
     assert_eq!(response.status(), 200, "{}", response.text());
     let digest = response.header("docker-content-digest").expect("Docker-Content-Digest").to_string();
     (digest, response.body.len())
-}
-
-fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
 }

@@ -207,8 +207,8 @@ impl Proxy {
         let authority = parts.uri.authority().cloned();
         let client_host =
             host_header.as_ref().and_then(|h| h.to_str().ok()).or_else(|| authority.as_ref().map(|a| a.as_str()));
-        match target {
-            Target::Registry => {
+        match target.url() {
+            None => {
                 let view = ClientView { ip: &conn.forwarded_for, scheme: conn.scheme(), host: client_host };
                 headers::forward_request_headers(&mut parts.headers, &view, self.host_mode, &self.upstream.host_header);
                 parts.uri = self
@@ -216,13 +216,13 @@ impl Proxy {
                     .uri_for(parts.uri.path_and_query())
                     .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
             }
-            Target::Storage(_) | Target::Auth(_) => {
-                let url = target.url().expect("not the registry");
+            Some(url) => {
                 let host = url.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
                 let host = host.ok_or(ProxyError::UnknownRedirect)?;
-                parts.headers = match target {
-                    Target::Auth(_) => elsewhere::auth_request_headers(&parts.headers, &host),
-                    _ => elsewhere::storage_request_headers(&parts.headers, &host),
+                parts.headers = if matches!(target, Target::Auth(_)) {
+                    elsewhere::auth_request_headers(&parts.headers, &host)
+                } else {
+                    elsewhere::storage_request_headers(&parts.headers, &host)
                 };
                 parts.uri = url.clone();
             }

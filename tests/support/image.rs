@@ -155,7 +155,7 @@ fn append_bytes(tar: &mut tar::Builder<File>, name: &str, bytes: &[u8]) {
 }
 
 /// The platform name Docker expects in an image config, for the machine the tests run on.
-fn go_arch() -> &'static str {
+pub fn go_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",

@@ -23,7 +23,7 @@ pub mod timing;
 mod token;
 
 pub use docker::{containerd_socket, ctr, docker, Docker};
-pub use image::{sha256_digest, sha256_file, LayerInfo, TestImage};
+pub use image::{go_arch, sha256_digest, sha256_file, LayerInfo, TestImage};
 pub use net::{free_port, http_get, wait_for_tcp, HttpResponse};
 pub use process::{check, check_bytes, eventually, output, skopeo, TempDir};
 pub use registry::{LoggedRequest, Registry, RegistryOptions};
