@@ -143,6 +143,14 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_AUTH_REALMS", value_enum, default_value_t = RedirectMode::Capture)]
     pub auth_realms: RedirectMode,
 
+    /// Send each finished push and pull as an OpenTelemetry trace to this OTLP/HTTP (protobuf)
+    /// collector, e.g. `http://otel-collector:4318`; traces go to its `/v1/traces`. Unset, the
+    /// standard `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` is used;
+    /// none of them set, nothing is exported. `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME`
+    /// and `OTEL_RESOURCE_ATTRIBUTES` are honoured too.
+    #[arg(long, env = "REGSCOPE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<http::Uri>,
+
     /// How many finished pushes and pulls to keep for the transfers API and `report`.
     #[arg(long, env = "REGSCOPE_KEEP_TRANSFERS", default_value_t = 1000)]
     pub keep_transfers: usize,

@@ -24,6 +24,7 @@ mod metrics;
 mod presentation;
 mod protocol;
 mod recording;
+mod traces;
 mod wire;
 
 pub use body::LiveExchange;
@@ -31,8 +32,9 @@ pub use presentation::{report, ui, waterfall};
 pub use protocol::{
     classify, is_repository_name, percent_decode, Api, BlobKind, BodyEnd, Direction, Operation, Route, Side,
 };
-pub use protocol::{Outcome, Party, Phase, Redirected, TransferDirection, UpstreamErrorKind};
+pub use protocol::{Outcome, Party, Phase, Redirected, SpanDrop, TransferDirection, UpstreamErrorKind};
 pub use recording::{Blob, BlobOutcome, BodyView, LiveTransfer, RequestView, Split, Transfer, UploadPhases};
+pub use traces::{format_traceparent, parse_traceparent, ClientContext, RequestTrace, SpanId, TraceId};
 pub use wire::error::SetupError;
 pub use wire::headers;
 
@@ -62,15 +64,21 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         _ => None,
     };
     let metrics = Arc::new(Metrics::new(config.label_repository));
-    let tracker = Arc::new(Tracker::new(
-        TrackerConfig {
-            idle_timeout: config.transfer_idle_timeout,
-            keep_finished: config.keep_transfers.max(1),
-            pull_settle: config.pull_settle,
-            ..TrackerConfig::default()
-        },
-        metrics.clone(),
-    ));
+    let export = traces::export_config(config.otlp_endpoint.as_ref(), |name| std::env::var(name).ok())?;
+    let exporter = export.map(|c| Arc::new(traces::Exporter::new(c, upstream.authority.to_string(), metrics.clone())));
+    let export_task = exporter.as_ref().map(traces::Exporter::spawn).transpose()?;
+    let tracker = Arc::new(
+        Tracker::new(
+            TrackerConfig {
+                idle_timeout: config.transfer_idle_timeout,
+                keep_finished: config.keep_transfers.max(1),
+                pull_settle: config.pull_settle,
+                ..TrackerConfig::default()
+            },
+            metrics.clone(),
+        )
+        .with_exporter(exporter.clone()),
+    );
     recording::spawn_sweeper(&tracker);
     trim::spawn();
     let recorders = Arc::new(Recorders { metrics: metrics.clone(), sink: tracker.clone() });
@@ -90,6 +98,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         redirects: Arc::new(Redirects::new()),
         capture_storage: config.redirects == config::RedirectMode::Capture,
         capture_auth: config.auth_realms == config::RedirectMode::Capture,
+        traces: exporter.is_some(),
         recorders,
     });
     let probe =
@@ -121,5 +130,8 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
     };
     server::run(listener, admin_listener, proxy, admin, limits, shutdown).await;
     tracker.close_all();
+    if let (Some(exporter), Some(task)) = (exporter, export_task) {
+        exporter.flush(task, config.shutdown_grace.min(std::time::Duration::from_secs(10))).await;
+    }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! the test machines, so the Dockerfile, the compose stack, the Kubernetes manifests and the systemd
 //! unit are proven by parsing: every `--flag` they pass is one `regscope serve --help` lists, the
 //! whole command line parses with regscope's own CLI, and every port they publish, probe, scrape or
-//! route to is the one the listen flags bind.
+//! route to is the one the listen flags bind. Traces likewise: regscope's OTLP endpoint is the
+//! collector's OTLP/HTTP receiver, whose exporter reaches Tempo, which Grafana queries.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -32,7 +33,8 @@ fn yaml_documents(relative: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The long flags and environment variables `regscope serve --help` documents.
+/// The long flags and environment variables (`REGSCOPE_*`, and the standard `OTEL_*` it honours)
+/// `regscope serve --help` documents.
 struct Help {
     flags: BTreeSet<String>,
     env: BTreeSet<String>,
@@ -48,8 +50,9 @@ fn serve_help() -> Help {
             .map(str::to_string)
             .collect()
     };
-    let help =
-        Help { flags: words("--", |c| c.is_ascii_lowercase()), env: words("REGSCOPE_", |c| c.is_ascii_uppercase()) };
+    let mut env = words("REGSCOPE_", |c| c.is_ascii_uppercase());
+    env.extend(words("OTEL_", |c| c.is_ascii_uppercase()));
+    let help = Help { flags: words("--", |c| c.is_ascii_lowercase()), env };
     assert!(
         help.flags.contains("--admin-listen") && help.env.contains("REGSCOPE_LISTEN"),
         "help parsed: {:?}",
@@ -88,6 +91,30 @@ fn port_of(url: &str) -> (String, u16) {
     let uri: http::Uri = url.parse().unwrap_or_else(|e| panic!("{url}: {e}"));
     let host = uri.host().expect("host").to_string();
     (host, uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 }))
+}
+
+/// OTLP/HTTP's port; 4317 is gRPC, which regscope does not speak.
+const OTLP_HTTP_PORT: u16 = 4318;
+
+/// Checks an OTLP endpoint regscope is given: an http(s) URL on the OTLP/HTTP port, a base URL
+/// (regscope appends `/v1/traces`) unless it is `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, which is used
+/// as it is. Returns host and port.
+fn otlp_endpoint(origin: &str, source: &str, url: &str) -> (String, u16) {
+    let uri: http::Uri = url.parse().unwrap_or_else(|e| panic!("{origin}: {source}={url}: {e}"));
+    assert!(matches!(uri.scheme_str(), Some("http" | "https")), "{origin}: {source}={url} is not an http(s) URL");
+    let want_path = if source == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" { "/v1/traces" } else { "/" };
+    assert_eq!(uri.path(), want_path, "{origin}: {source}={url}");
+    let (host, port) = port_of(url);
+    assert_eq!(port, OTLP_HTTP_PORT, "{origin}: {source}={url} is not on the OTLP/HTTP port");
+    (host, port)
+}
+
+/// The port of a `host:port` listen address.
+fn listen_port(origin: &str, address: &Value) -> u16 {
+    let address = address.as_str().unwrap_or_else(|| panic!("{origin}: no listen address"));
+    let (host, port) = address.rsplit_once(':').unwrap_or_else(|| panic!("{origin}: {address} has no port"));
+    assert_eq!(host, "0.0.0.0", "{origin}: {address} must listen beyond the container's loopback");
+    port.parse().unwrap_or_else(|e| panic!("{origin}: {address}: {e}"))
 }
 
 // === Dockerfile ===
@@ -226,6 +253,143 @@ fn compose_wires_registry_regscope_prometheus_and_grafana_on_matching_ports() {
     let folder = providers["providers"][0]["options"]["path"].as_str().expect("provider path");
     let dashboard = mount("../grafana/regscope.json").expect("the dashboard is mounted");
     assert_eq!(Path::new(&dashboard).parent().unwrap(), Path::new(folder), "dashboard mount vs provider path");
+}
+
+#[test]
+fn compose_publishes_on_loopback_only_and_pins_every_image() {
+    let compose = yaml_documents("deploy/docker-compose.yml").remove(0);
+    for (name, svc) in compose["services"].as_mapping().expect("services") {
+        let name = name.as_str().unwrap();
+        for port in svc["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().expect("short port syntax");
+            assert!(port.starts_with("127.0.0.1:"), "service {name} publishes {port} beyond loopback");
+        }
+        if !svc["build"].is_null() {
+            continue;
+        }
+        let image = svc["image"].as_str().unwrap_or_else(|| panic!("service {name} has no image"));
+        let tag = image.rsplit('/').next().unwrap().split_once(':').map(|(_, tag)| tag);
+        assert!(tag.is_some_and(|t| t != "latest"), "service {name}: image {image} is not pinned to a version");
+    }
+}
+
+#[test]
+fn compose_sends_traces_through_the_collector_to_tempo_and_grafana() {
+    let help = serve_help();
+    let compose = yaml_documents("deploy/docker-compose.yml").remove(0);
+    let service = |name: &str| {
+        let svc = &compose["services"][name];
+        assert!(!svc.is_null(), "compose has no {name} service");
+        svc
+    };
+    // The file in this repository that a bind mount of `name` puts at `path` in the container.
+    let host_file = |name: &str, path: &str| -> String {
+        strings(&service(name)["volumes"])
+            .iter()
+            .find_map(|v| {
+                let mut parts = v.split(':');
+                let (source, target) = (parts.next()?, parts.next()?);
+                let rest = path.strip_prefix(target)?;
+                source.starts_with('.').then(|| format!("deploy/{source}{rest}"))
+            })
+            .unwrap_or_else(|| panic!("service {name} mounts nothing from here at {path}"))
+    };
+    // The flag value `name` (as `name=value`) of a service's command.
+    let flag = |svc: &str, name: &str| -> String {
+        strings(&service(svc)["command"])
+            .iter()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('=').map(str::to_string))
+            .unwrap_or_else(|| panic!("service {svc} has no {name}="))
+    };
+
+    // regscope exports to the collector's OTLP/HTTP receiver, by service name.
+    let config =
+        serve_config("deploy/docker-compose.yml regscope.command", &strings(&service("regscope")["command"]), &help);
+    let endpoint =
+        config.otlp_endpoint.as_ref().expect("regscope has --otlp-endpoint in the compose stack").to_string();
+    let (collector, port) = otlp_endpoint("deploy/docker-compose.yml regscope", "--otlp-endpoint", &endpoint);
+    assert!(
+        service(&collector)["image"].as_str().is_some_and(|i| i.contains("otel/opentelemetry-collector")),
+        "--otlp-endpoint {endpoint} names no OpenTelemetry Collector service"
+    );
+    let collector_file = host_file(&collector, &flag(&collector, "--config"));
+    let collector_config = yaml_documents(&collector_file).remove(0);
+    let receiver = &collector_config["receivers"]["otlp"]["protocols"]["http"]["endpoint"];
+    assert_eq!(listen_port(&collector_file, receiver), port, "{collector_file}: OTLP/HTTP receiver vs --otlp-endpoint");
+
+    // Its traces pipeline takes OTLP in, batches, and exports to Tempo's receiver.
+    let pipeline = &collector_config["service"]["pipelines"]["traces"];
+    assert!(strings(&pipeline["receivers"]).contains(&"otlp".to_string()), "{collector_file}: traces from otlp");
+    assert!(strings(&pipeline["processors"]).contains(&"batch".to_string()), "{collector_file}: batched");
+    let exporters = strings(&pipeline["exporters"]);
+    assert!(!exporters.is_empty(), "{collector_file}: the traces pipeline exports nowhere");
+    let tempo = "tempo";
+    let tempo_file = host_file(tempo, &flag(tempo, "-config.file"));
+    let tempo_config = yaml_documents(&tempo_file).remove(0);
+    let tempo_receiver = |protocol: &str| {
+        let address = &tempo_config["distributor"]["receivers"]["otlp"]["protocols"][protocol]["endpoint"];
+        (!address.is_null()).then(|| listen_port(&tempo_file, address))
+    };
+    for exporter in &exporters {
+        let settings = &collector_config["exporters"][exporter.as_str()];
+        assert!(!settings.is_null(), "{collector_file}: exporter {exporter} is not defined");
+        let url = settings["endpoint"].as_str().unwrap_or_else(|| panic!("{collector_file}: {exporter} endpoint"));
+        let protocol = match exporter.split('/').next().unwrap() {
+            "otlp_http" | "otlphttp" => "http",
+            "otlp_grpc" | "otlp" => "grpc",
+            other => panic!("{collector_file}: exporter type {other} is not OTLP"),
+        };
+        let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+        let (host, port) = port_of(&url);
+        assert_eq!(host, tempo, "{collector_file}: {exporter} exports to {url}, not the {tempo} service");
+        assert_eq!(
+            Some(port),
+            tempo_receiver(protocol),
+            "{collector_file}: {exporter} vs {tempo_file}'s {protocol} receiver"
+        );
+    }
+
+    // Tempo keeps its blocks and WAL on a named volume.
+    let trace_storage = &tempo_config["storage"]["trace"];
+    assert_eq!(trace_storage["backend"], "local", "{tempo_file}: local storage");
+    let named_volumes: Vec<(String, String)> = strings(&service(tempo)["volumes"])
+        .iter()
+        .filter_map(|v| {
+            let mut parts = v.split(':');
+            let (source, target) = (parts.next()?, parts.next()?);
+            (!source.starts_with('.') && !source.starts_with('/')).then(|| (source.to_string(), target.to_string()))
+        })
+        .collect();
+    for path in [&trace_storage["wal"]["path"], &trace_storage["local"]["path"]] {
+        let path = path.as_str().unwrap_or_else(|| panic!("{tempo_file}: storage path"));
+        let (volume, _) = named_volumes
+            .iter()
+            .find(|(_, target)| Path::new(path).starts_with(target))
+            .unwrap_or_else(|| panic!("{tempo_file}: {path} is on no named volume of the {tempo} service"));
+        assert!(
+            compose["volumes"].as_mapping().is_some_and(|v| v.contains_key(volume.as_str())),
+            "volume {volume} is not declared"
+        );
+    }
+
+    // Grafana: a Tempo datasource with a stable uid, on Tempo's HTTP port; Prometheus stays the default.
+    let tempo_http: u16 = tempo_config["server"]["http_listen_port"].as_u64().expect("http_listen_port") as u16;
+    let dir = repo().join("grafana/provisioning/datasources");
+    let mut datasources = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let file = entry.unwrap().path().strip_prefix(repo()).unwrap().display().to_string();
+        for doc in yaml_documents(&file) {
+            datasources.extend(doc["datasources"].as_sequence().cloned().unwrap_or_default());
+        }
+    }
+    let tempo_sources: Vec<&Value> = datasources.iter().filter(|d| d["type"] == "tempo").collect();
+    assert_eq!(tempo_sources.len(), 1, "one Tempo datasource is provisioned");
+    let source = tempo_sources[0];
+    assert_eq!(source["uid"], "tempo", "the Tempo datasource keeps a stable uid");
+    assert_ne!(source["isDefault"], Value::Bool(true), "Prometheus stays the default datasource");
+    let url = source["url"].as_str().expect("Tempo datasource url");
+    assert_eq!(port_of(url), (tempo.to_string(), tempo_http), "Grafana's Tempo datasource url {url}");
+    assert_eq!(datasources.iter().filter(|d| d["isDefault"] == Value::Bool(true)).count(), 1, "one default datasource");
 }
 
 // === Kubernetes ===
@@ -410,6 +574,38 @@ fn kubernetes_manifests_use_real_flags_and_the_ports_they_bind() {
         "sidecar --upstream"
     );
     assert!(registry_addr.ip().is_loopback(), "the registry beside regscope must not be reachable around it");
+}
+
+/// Trace export, where a manifest shows it, goes to a collector's OTLP/HTTP port, whichever way it is set.
+#[test]
+fn kubernetes_trace_export_points_at_an_otlp_http_collector() {
+    let help = serve_help();
+    let objects = all_kubernetes_objects();
+    let containers = regscope_containers(&objects, &help);
+    let mut shown = 0;
+    for c in &containers {
+        let mut endpoints: Vec<(String, String)> = c.container["env"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let name = e["name"].as_str()?;
+                let is_endpoint = matches!(
+                    name,
+                    "REGSCOPE_OTLP_ENDPOINT" | "OTEL_EXPORTER_OTLP_ENDPOINT" | "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+                );
+                is_endpoint.then(|| (name.to_string(), e["value"].as_str().expect("a literal endpoint").to_string()))
+            })
+            .collect();
+        if let Some(flag) = &c.config.otlp_endpoint {
+            endpoints.push(("--otlp-endpoint".to_string(), flag.to_string()));
+        }
+        for (source, url) in &endpoints {
+            otlp_endpoint(&c.origin, source, url);
+            shown += 1;
+        }
+    }
+    assert!(shown > 0, "no manifest shows where traces go");
 }
 
 #[test]

@@ -19,6 +19,7 @@ use crate::limits::buffers::Stream;
 use crate::metrics::{Metrics, THROUGHPUT_MIN_BYTES};
 use crate::protocol::{Api, Operation, Route};
 use crate::protocol::{Direction, Side, UpstreamErrorKind};
+use crate::traces::{RequestTrace, TraceId};
 
 /// Where finished exchanges go after metrics and logs (the transfer tracker).
 pub(crate) trait ExchangeSink: Send + Sync {
@@ -59,6 +60,8 @@ pub(crate) struct ExchangeRecord {
     /// A body captured whole: a pushed manifest (request), a fetched manifest or v1 ancestry
     /// (response).
     pub captured: Option<Vec<u8>>,
+    /// Its span, when traces are on (boxed: off, it costs a pointer).
+    pub trace: Option<Box<RequestTrace>>,
 }
 
 /// The few response headers that tie requests into uploads and transfers.
@@ -124,6 +127,8 @@ pub(crate) struct Exchange {
     /// What the exchange counts as on the upstream side (and its large-read slot, if any),
     /// until it is over.
     stream: OnceLock<Stream>,
+    /// The trace of the transfer it joined when it started (set only when traces are on).
+    transfer_trace: OnceLock<TraceId>,
 }
 
 /// A snapshot of an exchange still on the wire, for live views.
@@ -149,6 +154,7 @@ impl Exchange {
         method: &Method,
         client: SocketAddr,
         path_and_query: &str,
+        trace: Option<Box<RequestTrace>>,
         recorders: Arc<Recorders>,
     ) -> Arc<Exchange> {
         let api = route.api();
@@ -175,6 +181,7 @@ impl Exchange {
                 upstream_error: None,
                 response_info: ResponseInfo::default(),
                 captured: None,
+                trace,
             },
             recorders,
             // Only the log event carries the path: redacted (a copy) only while that event is on.
@@ -193,6 +200,7 @@ impl Exchange {
             download_progress: Arc::new(AtomicU64::new(0)),
             upload_expected: OnceLock::new(),
             stream: OnceLock::new(),
+            transfer_trace: OnceLock::new(),
         });
         exchange.recorders.sink.started(&exchange);
         exchange
@@ -205,6 +213,22 @@ impl Exchange {
     /// What was known when the request arrived: route, client, start time.
     pub(crate) fn info(&self) -> &ExchangeRecord {
         &self.record
+    }
+
+    /// The transfer this exchange joined has this trace (the tracker says so when it starts).
+    pub(crate) fn set_transfer_trace(&self, trace: TraceId) {
+        let _ = self.transfer_trace.set(trace);
+    }
+
+    /// The trace its span belongs to and the flags to send on, if it has a span that will be
+    /// exported: the client's trace when it sent one, else its transfer's.
+    pub(crate) fn trace_parent(&self) -> Option<(TraceId, crate::traces::SpanId, u8)> {
+        let trace = self.record.trace.as_deref()?;
+        let transfer = *self.transfer_trace.get()?;
+        Some(match trace.client {
+            Some(client) => (client.trace_id, trace.span_id, client.flags),
+            None => (transfer, trace.span_id, 1),
+        })
     }
 
     pub(crate) fn set_upload_expected(&self, length: u64) {

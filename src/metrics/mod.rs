@@ -19,7 +19,7 @@ pub(crate) use labels::RepositoryLabels;
 use labels::{method_label, status_label};
 
 use crate::protocol::{
-    Api, Direction, Operation, Outcome, Party, Redirected, Side, TransferDirection, UpstreamErrorKind,
+    Api, Direction, Operation, Outcome, Party, Redirected, Side, SpanDrop, TransferDirection, UpstreamErrorKind,
 };
 
 /// Durations from 1 ms to 1 h.
@@ -98,6 +98,8 @@ pub(crate) struct Metrics {
     pub image_transfer: HistogramVec,
     pub image_time_total: prometheus::CounterVec,
     pub redirects: IntCounterVec,
+    pub trace_spans_exported: prometheus::IntCounter,
+    pub trace_spans_dropped: IntCounterVec,
     /// Caps the opt-in repository label.
     pub repositories: RepositoryLabels,
     /// The per-request families' children, resolved once per label set. Built on first use:
@@ -271,6 +273,16 @@ impl Metrics {
                 "Registry redirects to other hosts: storage (object storage, CDNs) and auth (token realms), captured through regscope, or passed to the client unseen (--redirects, --auth-realms pass).",
                 &["party", "handling"],
             ),
+            trace_spans_exported: prometheus::IntCounter::new(
+                "regscope_trace_spans_exported_total",
+                "Spans sent to the OpenTelemetry collector and accepted by it (--otlp-endpoint).",
+            )
+            .expect("valid metric"),
+            trace_spans_dropped: counter(
+                "regscope_trace_spans_dropped_total",
+                "Spans not exported: the queue was full, the export failed or timed out, or the collector rejected them.",
+                &["reason"],
+            ),
             repositories: RepositoryLabels::new(repository_cap),
             registry,
             children: OnceLock::new(),
@@ -304,6 +316,8 @@ impl Metrics {
         register(Box::new(m.image_transfer.clone()));
         register(Box::new(m.image_time_total.clone()));
         register(Box::new(m.redirects.clone()));
+        register(Box::new(m.trace_spans_exported.clone()));
+        register(Box::new(m.trace_spans_dropped.clone()));
         register(Box::new(build_info));
         if let Some(c) = &m.repository_requests {
             register(Box::new(c.clone()));
@@ -344,6 +358,9 @@ impl Metrics {
             for handling in Redirected::ALL {
                 self.redirects.with_label_values(&[party.as_str(), handling.as_str()]);
             }
+        }
+        for reason in SpanDrop::ALL {
+            self.trace_spans_dropped.with_label_values(&[reason.as_str()]);
         }
         for kind in UpstreamErrorKind::ALL {
             self.upstream_errors.with_label_values(&[kind.as_str()]);

@@ -27,7 +27,7 @@ fn is_id(reference: &str) -> bool {
     reference.contains(':') || (reference.len() == 64 && reference.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-fn blob_name(blob: &Blob, index: usize) -> String {
+pub(crate) fn blob_name(blob: &Blob, index: usize) -> String {
     let kind = match blob.kind {
         Some(BlobKind::Config) => "config".to_owned(),
         Some(BlobKind::Layer) | None => format!("layer {}", blob.layer.unwrap_or(index + 1)),
@@ -284,6 +284,8 @@ mod tests {
             tag: Some("latest".into()),
             client: "127.0.0.1".into(),
             started_unix_ms: 0,
+            started_unix_ns: 0,
+            trace_id: None,
             wall_seconds: 10.0,
             parties: Split { client: 8.2, registry: 1.1, moving: 0.7, ..Split::default() },
             bytes: 37_124_367,
@@ -299,6 +301,7 @@ mod tests {
                 phases: Some(phases),
                 metadata_seconds: 0.0,
                 split: phases.transfer_split,
+                requests: vec![],
             }],
             requests: vec![],
             requests_dropped: 0,

@@ -192,6 +192,18 @@ closed_set! {
 }
 
 closed_set! {
+    /// Why spans were not exported.
+    pub enum SpanDrop {
+        /// The export queue was full (the collector is slower than the traffic, or down).
+        QueueFull => "queue_full",
+        /// The export request failed: no connection, no answer in time, or an error status.
+        ExportFailed => "export_failed",
+        /// The collector accepted the request but rejected these spans.
+        Rejected => "rejected",
+    }
+}
+
+closed_set! {
     /// A phase of one blob's (v1: one image's) upload.
     pub enum Phase {
         Start => "start",

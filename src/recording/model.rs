@@ -7,6 +7,7 @@ use super::split::Split;
 use super::timeline::RequestView;
 use crate::body::LiveExchange;
 use crate::protocol::{Api, BlobKind, Outcome, TransferDirection};
+use crate::traces::TraceId;
 
 /// How one blob (v1: one image) of a transfer fared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +21,21 @@ pub enum BlobOutcome {
     Fetched,
     /// Named by the pull's manifest but not fetched: the client had it already.
     Present,
+}
+
+impl BlobOutcome {
+    /// Its name, as in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlobOutcome::Committed => "committed",
+            BlobOutcome::Mounted => "mounted",
+            BlobOutcome::Cancelled => "cancelled",
+            BlobOutcome::Failed => "failed",
+            BlobOutcome::Abandoned => "abandoned",
+            BlobOutcome::Fetched => "fetched",
+            BlobOutcome::Present => "present",
+        }
+    }
 }
 
 impl From<UploadOutcome> for BlobOutcome {
@@ -57,6 +73,9 @@ pub struct Blob {
     pub metadata_seconds: f64,
     /// Push: the transfer phase's split. Pull: the fetch's split.
     pub split: Split,
+    /// The ids of the requests that moved it (see `Transfer::requests`).
+    #[serde(default)]
+    pub requests: Vec<u64>,
 }
 
 /// A finished push or pull.
@@ -71,6 +90,12 @@ pub struct Transfer {
     pub client: String,
     /// Wall-clock start, milliseconds since the Unix epoch.
     pub started_unix_ms: u64,
+    /// The same instant in nanoseconds: the origin of every offset, and of the trace's times.
+    #[serde(default)]
+    pub started_unix_ns: u64,
+    /// The trace it was exported as, when traces are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<TraceId>,
     pub wall_seconds: f64,
     /// Every instant of the wall time attributed to exactly one party (see `timeline`).
     pub parties: Split,

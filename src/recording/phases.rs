@@ -56,7 +56,7 @@ impl UploadPhases {
 }
 
 /// What a request does for an upload.
-fn role(op: Operation) -> Option<Phase> {
+pub(crate) fn role(op: Operation) -> Option<Phase> {
     use Operation::*;
     match op {
         UploadStart | UploadStartMonolithic | BlobMount | V1ImageJsonPut => Some(Phase::Start),
@@ -172,6 +172,7 @@ mod tests {
             upload: None,
             download: None,
             aborted_by: None,
+            trace: None,
         }
     }
 

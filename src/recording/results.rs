@@ -38,6 +38,10 @@ pub(crate) fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transf
             TransferDirection::Pull => r.bytes_out(),
         })
         .sum();
+    // The session's clock was read when it opened; its base may be an earlier request (a token
+    // request held for it), and every offset counts from the base.
+    let started = s.started_wall.checked_sub(s.created.saturating_duration_since(s.base)).unwrap_or(s.started_wall);
+    let started_ns = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     Transfer {
         id: 0,
         direction: key.direction,
@@ -46,7 +50,9 @@ pub(crate) fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transf
         repository: key.repository.to_string(),
         tag: s.tag,
         client: key.client.to_string(),
-        started_unix_ms: s.started_wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        started_unix_ms: (started_ns / 1_000_000) as u64,
+        started_unix_ns: started_ns as u64,
+        trace_id: None,
         wall_seconds: wall,
         parties,
         bytes,
@@ -109,6 +115,7 @@ pub(crate) fn push_blobs(requests: &[RequestView], expected: &[BlobRef], idle_cl
                 phases: Some(phases),
                 metadata_seconds: 0.0,
                 digest,
+                requests: members.iter().map(|r| r.id).collect(),
             }
         })
         .collect()
@@ -141,12 +148,14 @@ pub(crate) fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<
                     phases: None,
                     metadata_seconds: 0.0,
                     split: Split::default(),
+                    requests: Vec::new(),
                 });
                 blobs.len() - 1
             }
         };
         let blob = &mut blobs[index];
         blob.end = blob.end.max(r.end);
+        blob.requests.push(r.id);
         if is_metadata {
             blob.metadata_seconds += r.duration();
             continue;
@@ -179,6 +188,7 @@ fn add_present(blobs: &mut Vec<Blob>, expected: &[BlobRef]) {
             phases: None,
             metadata_seconds: 0.0,
             split: Split::default(),
+            requests: Vec::new(),
         });
     }
 }

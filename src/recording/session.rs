@@ -19,6 +19,7 @@ use super::model::LiveTransfer;
 use super::{HashMap, HashSet};
 use crate::body::{Exchange, ExchangeRecord, LiveExchange};
 use crate::protocol::{Api, BlobRef, ManifestRefs, Operation, Outcome, TransferDirection};
+use crate::traces::TraceId;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Key {
@@ -31,6 +32,11 @@ pub(crate) struct Key {
 pub(crate) struct Session {
     pub(crate) api: Api,
     pub(crate) started_wall: SystemTime,
+    /// When it opened, read with `started_wall`.
+    pub(crate) created: Instant,
+    /// The trace it is exported as (when traces are on), known from its first request so the
+    /// registry can be told it.
+    pub(crate) trace_id: TraceId,
     /// First request received: the origin of all offsets.
     pub(crate) base: Instant,
     pub(crate) last_activity: Instant,
@@ -64,6 +70,8 @@ impl Session {
         Session {
             api,
             started_wall: SystemTime::now(),
+            created: now,
+            trace_id: TraceId::random(),
             base: now,
             last_activity: now,
             in_flight: HashMap::default(),

@@ -34,6 +34,7 @@ fn record(id: u64, op: Operation, repo: &str, at: Instant, secs: f64, status: u1
         upstream_error: None,
         response_info: ResponseInfo::default(),
         captured: None,
+        trace: None,
     }
 }
 

@@ -24,6 +24,7 @@ use crate::body::BodyOutcome;
 use crate::body::ExchangeRecord;
 use crate::protocol::Operation;
 use crate::protocol::{BodyEnd, Party, Side};
+use crate::traces::RequestTrace;
 
 /// One body as seen in a transfer, offsets in seconds from the transfer's start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +88,9 @@ pub struct RequestView {
     pub upload: Option<BodyView>,
     pub download: Option<BodyView>,
     pub aborted_by: Option<Side>,
+    /// Its span, when traces are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<RequestTrace>,
 }
 
 impl RequestView {
@@ -108,6 +112,7 @@ impl RequestView {
             upload: r.upload.as_ref().filter(|b| b.bytes > 0 || b.first_poll.is_some()).map(|b| BodyView::new(b, base)),
             download: r.download.as_ref().filter(|b| b.bytes > 0).map(|b| BodyView::new(b, base)),
             aborted_by: r.aborted_by(),
+            trace: r.trace.as_deref().cloned(),
         }
     }
 
@@ -337,6 +342,7 @@ mod tests {
             upload: None,
             download: None,
             aborted_by: None,
+            trace: None,
         }
     }
 

@@ -25,6 +25,7 @@ use super::HashMap;
 use crate::body::{Exchange, ExchangeRecord, ExchangeSink};
 use crate::metrics::Metrics;
 use crate::protocol::{parse_ancestry, Api, Operation, Outcome, ParsedManifests, TransferDirection};
+use crate::traces::Exporter;
 
 /// Limits and timeouts of the tracker.
 #[derive(Debug, Clone, Copy)]
@@ -101,11 +102,25 @@ pub(crate) struct Tracker {
     manifests: ParsedManifests,
     config: TrackerConfig,
     metrics: Arc<Metrics>,
+    /// Where finished transfers go as traces, when traces are on.
+    exporter: Option<Arc<Exporter>>,
 }
 
 impl Tracker {
     pub(crate) fn new(config: TrackerConfig, metrics: Arc<Metrics>) -> Self {
-        Tracker { state: Mutex::new(State::default()), manifests: ParsedManifests::new(), config, metrics }
+        Tracker {
+            state: Mutex::new(State::default()),
+            manifests: ParsedManifests::new(),
+            config,
+            metrics,
+            exporter: None,
+        }
+    }
+
+    /// Exports every finished transfer as a trace through `exporter`.
+    pub(crate) fn with_exporter(mut self, exporter: Option<Arc<Exporter>>) -> Self {
+        self.exporter = exporter;
+        self
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {
@@ -247,11 +262,14 @@ impl Tracker {
 
     /// Turns a closed session into a finished transfer: metrics, log, ring.
     fn finish(&self, key: Key, session: Session, idle_closed: bool) {
-        let transfer = build_transfer(&key, session, idle_closed);
+        let trace_id = session.trace_id;
+        let mut transfer = build_transfer(&key, session, idle_closed);
+        if self.exporter.is_some() {
+            transfer.trace_id = Some(trace_id);
+        }
         publish(&self.metrics, &transfer);
         let mut state = self.lock();
         state.next_id += 1;
-        let mut transfer = transfer;
         transfer.id = state.next_id;
         // The oldest go first: beyond `keep_finished` transfers, and beyond `max_total_requests`
         // requests kept for their waterfalls (a thousand 4096-request pulls would be gigabytes).
@@ -263,7 +281,12 @@ impl Tracker {
             state.finished_requests -= oldest.requests.len();
         }
         state.finished_requests += held;
-        state.finished.push_back(Arc::new(transfer));
+        let transfer = Arc::new(transfer);
+        state.finished.push_back(transfer.clone());
+        drop(state);
+        if let Some(exporter) = &self.exporter {
+            exporter.enqueue(transfer);
+        }
     }
 }
 
@@ -277,6 +300,9 @@ impl ExchangeSink for Tracker {
             let evicted = self.open_session(&mut state, &key, r.api, now);
             let session = state.open.get_mut(&key).expect("open_session leaves it open");
             session.in_flight.insert(r.id, Arc::downgrade(exchange));
+            if r.trace.is_some() {
+                exchange.set_transfer_trace(session.trace_id);
+            }
             session.last_activity = now;
             state.in_flight_keys.insert(r.id, key);
             evicted

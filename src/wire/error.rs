@@ -58,6 +58,8 @@ pub enum SetupError {
     EmptyPem { what: &'static str, path: String },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("OpenTelemetry export: {0}")]
+    Otlp(String),
     #[error("binding {addr}: {source}")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
 }

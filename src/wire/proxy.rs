@@ -21,6 +21,7 @@ use crate::limits::admission::{self, Admission};
 use crate::protocol::CAPTURE_LIMIT;
 use crate::protocol::{classify, Operation, Route};
 use crate::protocol::{percent_decode, query_param, BodyEnd, Direction, Party, Redirected};
+use crate::traces::{format_traceparent, parse_traceparent, RequestTrace, SpanId};
 use crate::wire::elsewhere;
 use crate::wire::error::{classify_client_error, ClientFault, ProxyError};
 use crate::wire::headers::{self, ClientView, HostMode, Origin};
@@ -75,6 +76,8 @@ pub(crate) struct Proxy {
     pub capture_storage: bool,
     /// Whether token requests to a registry's auth realm go through regscope.
     pub capture_auth: bool,
+    /// Whether requests get spans (traces are exported): off, no header is read or written.
+    pub traces: bool,
 }
 
 /// Where an exchange is forwarded.
@@ -139,7 +142,8 @@ impl Proxy {
             },
             Ok(Target::Auth(_)) => Route { repository: scope.as_deref(), ..Route::op(Operation::AuthToken) },
         };
-        let exchange = Exchange::start(&route, req.method(), conn.peer, path_and_query, self.recorders.clone());
+        let trace = self.traces.then(|| request_trace(req.headers(), path_and_query, target.as_ref().ok()));
+        let exchange = Exchange::start(&route, req.method(), conn.peer, path_and_query, trace, self.recorders.clone());
         let target = match target {
             Ok(target) => target,
             Err(refusal) => {
@@ -228,6 +232,12 @@ impl Proxy {
             }
         }
         parts.version = Version::HTTP_11;
+        // The registry's spans nest under this request's (its `tracestate` passes untouched).
+        if let Some((trace, span, flags)) = exchange.trace_parent() {
+            if let Ok(value) = HeaderValue::from_str(&format_traceparent(trace, span, flags)) {
+                parts.headers.insert(TRACEPARENT, value);
+            }
+        }
 
         let mut body =
             TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone())
@@ -404,6 +414,18 @@ fn scope_repository(query: Option<&str>) -> Option<String> {
     let scope = percent_decode(query_param(query, "scope")?).into_owned();
     let name = scope.strip_prefix("repository:")?.rsplit_once(':')?.0;
     Some(name.to_owned())
+}
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// A request's span: its own id, the client's context if it sent one, its redacted path.
+fn request_trace(headers: &http::HeaderMap, path_and_query: &str, target: Option<&Target>) -> Box<RequestTrace> {
+    Box::new(RequestTrace {
+        span_id: SpanId::random(),
+        client: headers.get(TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes())),
+        path: headers::redact_path(path_and_query).into_owned(),
+        upstream: target.and_then(Target::url).and_then(|u| u.authority()).map(|a| a.as_str().to_owned()),
+    })
 }
 
 /// The response headers the transfer tracker needs, read before they are forwarded.

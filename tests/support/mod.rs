@@ -14,6 +14,7 @@ mod docker;
 pub mod hostile;
 mod image;
 mod net;
+pub mod otlp;
 mod process;
 mod registry;
 mod regscope;

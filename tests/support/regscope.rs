@@ -38,12 +38,18 @@ impl Regscope {
     /// `["--upstream", &registry.url()]`), and waits up to 20 s for its `"listening"` event, which
     /// tells the ports it bound. Set `REGSCOPE_TEST_ECHO=1` to copy its stderr to the test's.
     pub fn start(args: &[&str]) -> Regscope {
+        Regscope::start_env(args, &[])
+    }
+
+    /// `start`, with these environment variables set for regscope (e.g. `OTEL_*`).
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Regscope {
         let mut child = Command::new(env!("CARGO_BIN_EXE_regscope"))
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
             // Every request's event, which many tests read; a test's own RUST_LOG wins.
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,regscope::request=debug".into()))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,155 @@
+//! An OTLP/HTTP trace receiver, since no OpenTelemetry Collector is installable here: it accepts
+//! `POST /v1/traces` (protobuf), decodes each body with the official definitions
+//! (`opentelemetry-proto`), and keeps the spans, the raw bodies and the request heads. It can be
+//! told to answer late or with an error, as a collector in trouble does.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+
+/// How the receiver answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Answer {
+    /// 200 with an empty `ExportTraceServiceResponse`.
+    Ok,
+    /// 200, but only after this long.
+    Late(Duration),
+    /// This status, at once.
+    Status(u16),
+}
+
+/// A running receiver; its threads end with the test process.
+pub struct Collector {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+}
+
+#[derive(Default)]
+struct Seen {
+    answer: Option<Answer>,
+    requests: Vec<Received>,
+}
+
+/// One export request as received.
+#[derive(Clone)]
+pub struct Received {
+    /// Request head lines, lower-cased names: `("content-type", "application/x-protobuf")`.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub decoded: ExportTraceServiceRequest,
+}
+
+impl Collector {
+    pub fn start(answer: Answer) -> Collector {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Seen { answer: Some(answer), requests: Vec::new() }));
+        let shared = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let seen = Arc::clone(&shared);
+                std::thread::spawn(move || serve(stream, &seen));
+            }
+        });
+        Collector { addr, seen }
+    }
+
+    /// The base endpoint, as `--otlp-endpoint` takes it.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.seen.lock().unwrap().requests.clone()
+    }
+
+    /// Every span received so far, with its resource's attributes.
+    pub fn spans(&self) -> Vec<(Vec<KeyValue>, Span)> {
+        let mut out = Vec::new();
+        for request in self.requests() {
+            for resource_spans in request.decoded.resource_spans {
+                let resource = resource_spans.resource.map(|r| r.attributes).unwrap_or_default();
+                for scope in resource_spans.scope_spans {
+                    out.extend(scope.spans.into_iter().map(|s| (resource.clone(), s)));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn serve(stream: TcpStream, seen: &Mutex<Seen>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+            }
+        }
+        let length: usize =
+            headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let ok = request_line.starts_with("POST /v1/traces ");
+        let decoded = ExportTraceServiceRequest::decode(body.as_slice());
+        let answer = {
+            let mut seen = seen.lock().unwrap();
+            if let (true, Ok(decoded)) = (ok, decoded.clone()) {
+                seen.requests.push(Received { headers, body, decoded });
+            }
+            seen.answer.unwrap_or(Answer::Ok)
+        };
+        let status = match (ok, decoded.is_ok(), answer) {
+            (false, _, _) => 404,
+            (_, false, _) => 400,
+            (_, _, Answer::Status(code)) => code,
+            (_, _, Answer::Late(delay)) => {
+                std::thread::sleep(delay);
+                200
+            }
+            (_, _, Answer::Ok) => 200,
+        };
+        let head = format!("HTTP/1.1 {status} X\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
+        if writer.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A span's attribute as text (strings as they are, numbers printed).
+pub fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
+    let value = attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?.value.as_ref()?;
+    Some(match value {
+        any_value::Value::StringValue(s) => s.clone(),
+        any_value::Value::IntValue(i) => i.to_string(),
+        any_value::Value::DoubleValue(d) => d.to_string(),
+        any_value::Value::BoolValue(b) => b.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
