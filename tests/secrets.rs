@@ -7,12 +7,15 @@
 
 mod support;
 
+use support::otlp::{Answer, Collector};
+
 use std::process::Command;
 use std::time::Duration;
 
 use support::hostile::raw_exchange;
 use support::{
-    check, docker, http_get, output, skopeo, LoggedRequest, Registry, RegistryOptions, Regscope, TempDir, TestImage,
+    check, docker, eventually, http_get, output, skopeo, LoggedRequest, Registry, RegistryOptions, Regscope, TempDir,
+    TestImage,
 };
 
 const USER: &str = "regscope-user";
@@ -88,7 +91,12 @@ fn credentials_and_upload_tokens_never_appear_in_anything_regscope_writes_or_ser
     let registry = Registry::start_with(RegistryOptions { htpasswd: Some(htpasswd), ..Default::default() });
     // Debug level: what an operator turns on when something goes wrong must not leak either.
     std::env::set_var("RUST_LOG", "debug");
-    let regscope = Regscope::start(&["--upstream", &registry.url()]);
+    // Traces are on too: what goes to a collector must not leak either.
+    let collector = Collector::start(Answer::Ok);
+    let regscope = Regscope::start_env(
+        &["--upstream", &registry.url(), "--otlp-endpoint", &collector.endpoint()],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
     std::env::remove_var("RUST_LOG");
     let proxy = regscope.proxy_addr();
     let admin = regscope.admin_addr();
@@ -176,6 +184,14 @@ fn credentials_and_upload_tokens_never_appear_in_anything_regscope_writes_or_ser
             outputs.push((page, response.text()));
         }
     }
+    let exported = eventually(Duration::from_secs(20), || {
+        collector.spans().iter().filter(|(_, s)| s.parent_span_id.is_empty()).count() >= ids.len()
+    });
+    assert!(exported, "every transfer reached the collector");
+    let bodies: Vec<u8> = collector.requests().into_iter().flat_map(|r| r.body).collect();
+    let spans: Vec<String> = collector.spans().iter().map(|(_, s)| format!("{s:?}")).collect();
+    outputs.push(("OTLP export (raw protobuf)".into(), String::from_utf8_lossy(&bodies).into_owned()));
+    outputs.push(("OTLP export (decoded spans)".into(), spans.join("\n")));
     let report = check(
         Command::new(env!("CARGO_BIN_EXE_regscope")).args([
             "report",

@@ -504,3 +504,34 @@ fn a_collector_down_slow_or_failing_changes_nothing_a_client_sees() {
         );
     }
 }
+
+#[test]
+fn shutdown_sends_what_is_queued_before_exiting() {
+    let registry = Registry::start();
+    let collector = Collector::start(Answer::Ok);
+    // Nothing would leave on schedule for a minute: only the shutdown flush sends it.
+    let regscope = Regscope::start_env(
+        &["--upstream", &registry.url(), "--otlp-endpoint", &collector.endpoint()],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "60000")],
+    );
+    push_small(regscope.proxy_addr(), "regscope-test/flush", "done", 7);
+    // An upload left open: closed as incomplete at shutdown, and exported too.
+    let mut conn = Conn::connect(regscope.proxy_addr());
+    start_upload(&mut conn, &regscope.proxy_addr().to_string(), "regscope-test/flush-open");
+    let finished = eventually(Duration::from_secs(10), || !transfers(regscope.admin_addr()).is_empty());
+    assert!(finished);
+    assert!(collector.spans().is_empty(), "nothing is sent before the schedule or the shutdown");
+    regscope.sigterm();
+    let exited = eventually(Duration::from_secs(15), || {
+        collector.spans().iter().filter(|(_, s)| s.parent_span_id.is_empty()).count() >= 2
+    });
+    let roots: Vec<(String, Option<String>)> = collector
+        .spans()
+        .iter()
+        .filter(|(_, s)| s.parent_span_id.is_empty())
+        .map(|(_, s)| (s.name.clone(), attr(s, "regscope.outcome")))
+        .collect();
+    assert!(exited, "both transfers flushed at shutdown: {roots:?}");
+    assert!(roots.contains(&("push regscope-test/flush:done".into(), Some("complete".into()))), "{roots:?}");
+    assert!(roots.contains(&("push regscope-test/flush-open".into(), Some("incomplete".into()))), "{roots:?}");
+}
