@@ -140,7 +140,15 @@ fn print_tree(spans: &[Span]) {
         let mut children: Vec<&Span> = spans.iter().filter(|s| s.parent_span_id == parent).collect();
         children.sort_by_key(|s| s.start_time_unix_nano);
         for s in children {
-            let keys = ["regscope.outcome", "regscope.bytes", "regscope.blob.outcome", "http.response.status_code"];
+            let keys = [
+                "regscope.outcome",
+                "regscope.bytes",
+                "regscope.seconds.client",
+                "regscope.seconds.registry",
+                "regscope.seconds.transfer",
+                "regscope.blob.outcome",
+                "http.response.status_code",
+            ];
             let shown: Vec<String> = keys.iter().filter_map(|k| Some(format!("{k}={}", attr(s, k)?))).collect();
             eprintln!(
                 "{:indent$}{} +{:.3}s {:.3}s {}",
