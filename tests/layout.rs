@@ -78,7 +78,7 @@ fn the_readme_layout_names_every_folder_and_module_of_src() {
             }
         }
     }
-    for (name, _) in &entries {
+    for name in entries.keys() {
         if let Some(folder) = name.strip_suffix('/') {
             if !folders.iter().any(|f| f == folder) {
                 missing.push(format!("`{name}` is in the README but not in src/"));

@@ -231,8 +231,11 @@ fn a_docker_push_and_pull_are_one_trace_each_that_agrees_with_the_report() {
 /// test sees exactly what regscope forwarded.
 struct RecordingOrigin {
     addr: SocketAddr,
-    heads: Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>,
+    heads: Arc<Mutex<Vec<Head>>>,
 }
+
+/// A request line and its headers (lower-cased names).
+type Head = (String, Vec<(String, String)>);
 
 impl RecordingOrigin {
     fn start(repository: &'static str, blobs: Vec<Vec<u8>>) -> RecordingOrigin {
@@ -267,13 +270,7 @@ impl RecordingOrigin {
     }
 }
 
-fn serve_origin(
-    stream: TcpStream,
-    repository: &str,
-    blobs: &[Vec<u8>],
-    manifest: &[u8],
-    heads: &Mutex<Vec<(String, Vec<(String, String)>)>>,
-) {
+fn serve_origin(stream: TcpStream, repository: &str, blobs: &[Vec<u8>], manifest: &[u8], heads: &Mutex<Vec<Head>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     loop {

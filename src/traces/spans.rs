@@ -275,3 +275,165 @@ fn int(key: &str, value: u64) -> KeyValue {
         ..KeyValue::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Api, BodyEnd, Operation, TransferDirection};
+    use crate::recording::{BlobOutcome, BodyView, Split, UploadPhases};
+    use crate::traces::{ClientContext, RequestTrace};
+
+    fn req(id: u64, op: Operation, start: f64, end: f64, body: Option<(u64, f64)>) -> RequestView {
+        RequestView {
+            id,
+            method: "X".into(),
+            operation: op,
+            status: Some(201),
+            digest: None,
+            reference: None,
+            upload_id: None,
+            start,
+            forwarded: Some(start),
+            response_head: Some(end),
+            end,
+            upload: body.map(|(bytes, body_end)| BodyView {
+                bytes,
+                start,
+                end: body_end,
+                client_wait: 0.0,
+                registry_wait: 0.0,
+                outcome: BodyEnd::Complete,
+            }),
+            download: None,
+            aborted_by: None,
+            trace: Some(RequestTrace { span_id: SpanId::random(), client: None, path: "/v2/x".into(), upstream: None }),
+        }
+    }
+
+    fn push(requests: Vec<RequestView>, blob_requests: Vec<u64>) -> Transfer {
+        let wall = requests.iter().map(|r| r.end).fold(0.0, f64::max);
+        Transfer {
+            id: 3,
+            direction: TransferDirection::Push,
+            outcome: Outcome::Complete,
+            api: Api::V2,
+            repository: "team/app".into(),
+            tag: Some("1".into()),
+            client: "10.0.0.7".into(),
+            started_unix_ms: 1_700_000_000_000,
+            started_unix_ns: 1_700_000_000_000_000_000,
+            trace_id: Some(TraceId::random()),
+            wall_seconds: wall,
+            parties: Split::default(),
+            bytes: requests.iter().map(RequestView::bytes_in).sum(),
+            blobs: vec![Blob {
+                digest: Some("sha256:abc".into()),
+                kind: None,
+                bytes: 1000,
+                declared_size: None,
+                layer: Some(1),
+                outcome: BlobOutcome::Committed,
+                start: 0.0,
+                end: wall,
+                phases: Some(UploadPhases::default()),
+                metadata_seconds: 0.0,
+                split: Split::default(),
+                requests: blob_requests,
+            }],
+            requests,
+            requests_dropped: 0,
+        }
+    }
+
+    /// (name, start, end) of the phase spans, in seconds from the transfer's start.
+    fn phases(t: &Transfer, spans: &[Span]) -> Vec<(String, f64, f64)> {
+        let secs = |ns: u64| ((ns - t.started_unix_ns) as f64 / 1e9 * 1e6).round() / 1e6;
+        spans
+            .iter()
+            .filter(|s| s.attributes.iter().any(|kv| kv.key == "regscope.phase"))
+            .map(|s| (s.name.clone(), secs(s.start_time_unix_nano), secs(s.end_time_unix_nano)))
+            .collect()
+    }
+
+    #[test]
+    fn phases_are_drawn_as_they_happened() {
+        use Operation::*;
+        type Case = (&'static str, Vec<RequestView>, Vec<(&'static str, f64, f64)>);
+        let cases: Vec<Case> = vec![
+            (
+                "docker: POST, PATCH, PUT",
+                vec![
+                    req(1, UploadStart, 0.0, 0.1, None),
+                    req(2, UploadChunk, 0.5, 10.5, Some((1000, 10.3))),
+                    req(3, UploadFinish, 11.0, 11.4, None),
+                ],
+                vec![
+                    ("start", 0.0, 0.1),
+                    ("gap", 0.1, 0.5),
+                    ("transfer", 0.5, 10.5),
+                    ("gap", 10.5, 11.0),
+                    ("commit", 11.0, 11.4),
+                ],
+            ),
+            (
+                "containerd: the commit carries the blob",
+                vec![req(1, UploadStart, 0.0, 0.1, None), req(2, UploadFinish, 0.2, 5.2, Some((500, 4.2)))],
+                vec![("start", 0.0, 0.1), ("gap", 0.1, 0.2), ("transfer", 0.2, 4.2), ("commit", 4.2, 5.2)],
+            ),
+            (
+                "a status check covers its time but is no phase",
+                vec![
+                    req(1, UploadStart, 0.0, 0.1, None),
+                    req(2, UploadStatus, 0.1, 0.3, None),
+                    req(3, UploadChunk, 0.3, 1.0, Some((10, 1.0))),
+                    req(4, UploadFinish, 1.0, 1.2, None),
+                ],
+                vec![("start", 0.0, 0.1), ("transfer", 0.3, 1.0), ("commit", 1.0, 1.2)],
+            ),
+        ];
+        for (name, requests, want) in cases {
+            let ids = requests.iter().map(|r| r.id).collect();
+            let t = push(requests, ids);
+            let spans = transfer_spans(&t, "registry:5000");
+            assert_eq!(spans.len(), span_count(&t), "{name}: span_count agrees");
+            let got = phases(&t, &spans);
+            let want: Vec<(String, f64, f64)> = want.into_iter().map(|(n, a, b)| (n.to_owned(), a, b)).collect();
+            assert_eq!(got, want, "{name}");
+            // The root spans the wall time; requests hang under the blob, with their own ids.
+            let root = spans.iter().find(|s| s.parent_span_id.is_empty()).unwrap();
+            assert_eq!(root.name, "push team/app:1");
+            assert_eq!(root.end_time_unix_nano - root.start_time_unix_nano, (t.wall_seconds * 1e9).round() as u64);
+            let blob = spans.iter().find(|s| s.name == "layer 1 abc").unwrap();
+            for r in &t.requests {
+                let span = spans.iter().find(|s| s.span_id == r.trace.as_ref().unwrap().span_id.0).unwrap();
+                assert_eq!(span.parent_span_id, blob.span_id, "{name}");
+                assert_eq!(span.trace_id, t.trace_id.unwrap().0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_with_a_client_context_joins_the_clients_trace() {
+        let mut manifest = req(9, Operation::ManifestPut, 0.2, 0.3, Some((400, 0.25)));
+        let client = ClientContext { trace_id: TraceId::random(), span_id: SpanId::random(), flags: 1 };
+        manifest.trace.as_mut().unwrap().client = Some(client);
+        manifest.trace.as_mut().unwrap().path = "/v2/team/app/manifests/1?_state=REDACTED".into();
+        let t = push(vec![req(1, Operation::UploadStart, 0.0, 0.1, None), manifest], vec![1]);
+        let spans = transfer_spans(&t, "registry:5000");
+        let span = spans.iter().find(|s| s.name == "X manifest_put").unwrap();
+        assert_eq!(
+            (span.trace_id.as_slice(), span.parent_span_id.as_slice()),
+            (&client.trace_id.0[..], &client.span_id.0[..])
+        );
+        let root = spans.iter().find(|s| s.parent_span_id.is_empty()).unwrap();
+        assert_eq!(root.links.len(), 1);
+        assert_eq!(
+            (root.links[0].trace_id.as_slice(), root.links[0].span_id.as_slice()),
+            (&client.trace_id.0[..], span.span_id.as_slice())
+        );
+        let text = |key: &str| span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.clone());
+        let path = Some(AnyValue { value: Some(any_value::Value::StringValue("/v2/team/app/manifests/1".into())) });
+        assert_eq!(text("url.path"), path);
+        assert!(text("server.address").is_some() && text("url.query").is_some());
+    }
+}

@@ -138,12 +138,8 @@ fn serve(stream: TcpStream, signer: &Signer, seen: &Mutex<Seen>, delay: Duration
     let target = request_line.split(' ').nth(1).unwrap_or("/");
     let query = target.split_once('?').map_or("", |(_, q)| q);
     let form = String::from_utf8_lossy(&body);
-    let scopes: Vec<String> = query
-        .split('&')
-        .chain(form.split('&'))
-        .filter_map(|pair| pair.strip_prefix("scope="))
-        .map(|scope| decode(scope))
-        .collect();
+    let scopes: Vec<String> =
+        query.split('&').chain(form.split('&')).filter_map(|pair| pair.strip_prefix("scope=")).map(decode).collect();
     std::thread::sleep(delay);
     let token = signer.token(&scopes);
     {
