@@ -215,6 +215,7 @@ fn check_labels(text: &str) {
     let outcomes = ["complete", "incomplete", "failed"];
     let parties = ["client", "registry", "transfer", "storage", "auth"];
     let handlings = ["captured", "passed"];
+    let reasons = ["queue_full", "export_failed", "rejected"];
     let mut seen = BTreeSet::new();
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
         let (series, _value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed sample {line:?}"));
@@ -236,6 +237,7 @@ fn check_labels(text: &str) {
                 "outcome" => outcomes.contains(&value),
                 "party" => parties.contains(&value),
                 "handling" => handlings.contains(&value),
+                "reason" => reasons.contains(&value),
                 "le" => value == "+Inf" || value.parse::<f64>().is_ok(),
                 "version" => value == env!("CARGO_PKG_VERSION"),
                 _ => false,
