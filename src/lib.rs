@@ -34,7 +34,7 @@ pub use protocol::{
 };
 pub use protocol::{Outcome, Party, Phase, Redirected, SpanDrop, TransferDirection, UpstreamErrorKind};
 pub use recording::{Blob, BlobOutcome, BodyView, LiveTransfer, RequestView, Split, Transfer, UploadPhases};
-pub use traces::{format_traceparent, parse_traceparent, ClientContext, RequestTrace, SpanId, TraceId};
+pub use traces::{parse_traceparent, traceparent, ClientContext, RequestTrace, SpanId, TraceId};
 pub use wire::error::SetupError;
 pub use wire::headers;
 

@@ -200,6 +200,9 @@ fn a_docker_push_and_pull_are_one_trace_each_that_agrees_with_the_report() {
         assert_no_secrets(&spans);
     }
     assert_ne!(push.trace_id, pull.trace_id);
+    // The web UI's page names the trace, to look it up in the backend.
+    let page = support::http_get(admin, &format!("/transfers/{}", push.id)).text();
+    assert!(page.contains(&format!(r#"<code id="trace-id">{}</code>"#, push.trace_id.unwrap())), "{page}");
     // One trace per transfer: every root names a distinct transfer, and every transfer has one.
     let roots = || -> Vec<String> {
         let spans = collector.spans();
@@ -539,4 +542,31 @@ fn shutdown_sends_what_is_queued_before_exiting() {
     assert!(exited, "both transfers flushed at shutdown: {roots:?}");
     assert!(roots.contains(&("push regscope-test/flush:done".into(), Some("complete".into()))), "{roots:?}");
     assert!(roots.contains(&("push regscope-test/flush-open".into(), Some("incomplete".into()))), "{roots:?}");
+}
+
+#[test]
+fn export_over_tls_trusts_the_system_roots_and_the_configured_ca_only() {
+    let registry = Registry::start();
+    let dir = support::TempDir::new("otlp-tls");
+    let ca = dir.path().join("collector-ca.pem");
+    let collector = Collector::start_tls(Answer::Ok, &ca);
+    let ca_text = ca.to_str().unwrap();
+    let trusting = Regscope::start_env(
+        &["--upstream", &registry.url(), "--otlp-endpoint", &collector.endpoint()],
+        &[FAST, ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_text)],
+    );
+    // Without the CA, the collector's self-signed certificate is not trusted: nothing is sent.
+    let doubting =
+        Regscope::start_env(&["--upstream", &registry.url(), "--otlp-endpoint", &collector.endpoint()], &[FAST]);
+    push_small(trusting.proxy_addr(), "regscope-test/tls-trusted", "1", 1);
+    push_small(doubting.proxy_addr(), "regscope-test/tls-doubted", "1", 2);
+    let arrived = eventually(Duration::from_secs(20), || {
+        collector.spans().iter().any(|(_, s)| s.name == "push regscope-test/tls-trusted:1")
+    });
+    assert!(arrived, "the trace went over TLS to the collector");
+    let refused = eventually(Duration::from_secs(20), || {
+        metric_sum(&doubting.metrics_text(), "regscope_trace_spans_dropped_total", &[("reason", "export_failed")]) > 0.0
+    });
+    assert!(refused, "an untrusted collector certificate fails the export: {}", doubting.metrics_text());
+    assert!(!collector.spans().iter().any(|(_, s)| s.name.contains("tls-doubted")));
 }

@@ -121,6 +121,10 @@ pub fn transfer_page(t: &Transfer) -> String {
         t.wall_seconds,
         shares_bar(&t.parties, t.wall_seconds)
     );
+    // The trace id, to find the same push in the trace backend it was exported to.
+    if let Some(trace) = t.trace_id {
+        let _ = write!(b, r#"<p>trace <code id="trace-id">{trace}</code></p>"#);
+    }
     let _ = write!(
         b,
         r#"<p><a href="/transfers/{}.svg">waterfall as SVG</a></p><div id="waterfall">{}</div>"#,

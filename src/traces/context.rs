@@ -98,9 +98,22 @@ pub fn parse_traceparent(value: &[u8]) -> Option<ClientContext> {
     Some(ClientContext { trace_id, span_id, flags })
 }
 
-/// The `traceparent` value naming `span` in `trace`.
-pub fn format_traceparent(trace: TraceId, span: SpanId, flags: u8) -> String {
-    format!("00-{trace}-{span}-{flags:02x}")
+/// The `traceparent` value naming `span` in `trace`, on the stack: it is written per request.
+pub fn traceparent(trace: TraceId, span: SpanId, flags: u8) -> [u8; 55] {
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut out[3..35], &trace.0);
+    hex_into(&mut out[36..52], &span.0);
+    hex_into(&mut out[53..55], &[flags]);
+    out
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long), without the formatting machinery.
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
 }
 
 fn hex_exact(text: &str, len: usize) -> Option<&str> {
@@ -120,7 +133,10 @@ fn decode_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
 }
 
 fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
-    bytes.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    let mut buffer = [0u8; 32];
+    let out = &mut buffer[..2 * bytes.len()];
+    hex_into(out, bytes);
+    f.write_str(std::str::from_utf8(out).map_err(|_| fmt::Error)?)
 }
 
 macro_rules! hex_id {
@@ -175,7 +191,7 @@ mod tests {
         assert_eq!(ctx.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(ctx.span_id.to_string(), "00f067aa0ba902b7");
         assert_eq!(ctx.flags, 1);
-        assert_eq!(format_traceparent(ctx.trace_id, ctx.span_id, ctx.flags), good);
+        assert_eq!(&traceparent(ctx.trace_id, ctx.span_id, ctx.flags)[..], good.as_bytes());
         // A later version may carry more fields; it is read as version 00.
         assert!(parse_traceparent(b"cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what").is_some());
         let bad: &[&str] = &[

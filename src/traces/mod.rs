@@ -8,6 +8,6 @@ mod env;
 mod export;
 mod spans;
 
-pub use context::{format_traceparent, parse_traceparent, ClientContext, RequestTrace, SpanId, TraceId};
+pub use context::{parse_traceparent, traceparent, ClientContext, RequestTrace, SpanId, TraceId};
 pub(crate) use env::export_config;
 pub(crate) use export::Exporter;

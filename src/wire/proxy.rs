@@ -21,7 +21,7 @@ use crate::limits::admission::{self, Admission};
 use crate::protocol::CAPTURE_LIMIT;
 use crate::protocol::{classify, Operation, Route};
 use crate::protocol::{percent_decode, query_param, BodyEnd, Direction, Party, Redirected};
-use crate::traces::{format_traceparent, parse_traceparent, RequestTrace, SpanId};
+use crate::traces::{parse_traceparent, traceparent, RequestTrace, SpanId};
 use crate::wire::elsewhere;
 use crate::wire::error::{classify_client_error, ClientFault, ProxyError};
 use crate::wire::headers::{self, ClientView, HostMode, Origin};
@@ -234,7 +234,7 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         // The registry's spans nest under this request's (its `tracestate` passes untouched).
         if let Some((trace, span, flags)) = exchange.trace_parent() {
-            if let Ok(value) = HeaderValue::from_str(&format_traceparent(trace, span, flags)) {
+            if let Ok(value) = HeaderValue::from_bytes(&traceparent(trace, span, flags)) {
                 parts.headers.insert(TRACEPARENT, value);
             }
         }

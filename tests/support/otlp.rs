@@ -34,6 +34,7 @@ pub struct Collector {
 struct Seen {
     answer: Option<Answer>,
     requests: Vec<Received>,
+    tls: bool,
 }
 
 /// One export request as received.
@@ -47,14 +48,43 @@ pub struct Received {
 
 impl Collector {
     pub fn start(answer: Answer) -> Collector {
+        Collector::listen(answer, None)
+    }
+
+    /// A receiver speaking TLS with a fresh self-signed certificate for `localhost`, written as
+    /// PEM to `ca_file` for the exporter to trust.
+    pub fn start_tls(answer: Answer, ca_file: &std::path::Path) -> Collector {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(ca_file, cert.pem()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        Collector::listen(answer, Some(Arc::new(config)))
+    }
+
+    fn listen(answer: Answer, tls: Option<Arc<rustls::ServerConfig>>) -> Collector {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Seen { answer: Some(answer), requests: Vec::new() }));
+        let seen = Arc::new(Mutex::new(Seen { answer: Some(answer), requests: Vec::new(), tls: tls.is_some() }));
         let shared = Arc::clone(&seen);
         std::thread::spawn(move || {
             for stream in listener.incoming().map_while(Result::ok) {
-                let seen = Arc::clone(&shared);
-                std::thread::spawn(move || serve(stream, &seen));
+                let (seen, tls) = (Arc::clone(&shared), tls.clone());
+                std::thread::spawn(move || match tls {
+                    None => serve(stream, &seen),
+                    Some(config) => {
+                        let session = rustls::ServerConnection::new(config).unwrap();
+                        serve(rustls::StreamOwned::new(session, stream), &seen)
+                    }
+                });
             }
         });
         Collector { addr, seen }
@@ -62,7 +92,11 @@ impl Collector {
 
     /// The base endpoint, as `--otlp-endpoint` takes it.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.seen.lock().unwrap().tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     pub fn requests(&self) -> Vec<Received> {
@@ -84,9 +118,8 @@ impl Collector {
     }
 }
 
-fn serve(stream: TcpStream, seen: &Mutex<Seen>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
+fn serve(stream: impl Read + Write, seen: &Mutex<Seen>) {
+    let mut reader = BufReader::new(stream);
     loop {
         let mut request_line = String::new();
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
@@ -132,7 +165,7 @@ fn serve(stream: TcpStream, seen: &Mutex<Seen>) {
             (_, _, Answer::Ok) => 200,
         };
         let head = format!("HTTP/1.1 {status} X\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
-        if writer.write_all(head.as_bytes()).is_err() {
+        if reader.get_mut().write_all(head.as_bytes()).and_then(|()| reader.get_mut().flush()).is_err() {
             return;
         }
     }
