@@ -190,6 +190,21 @@ fn a_docker_push_and_pull_are_one_trace_each_that_agrees_with_the_report() {
     docker.pull(&reference);
     let pull = wait_for_transfer(admin, TransferDirection::Pull, REPOSITORY, Duration::from_secs(15));
 
+    // What `regscope report --json` prints is what the traces are held to.
+    let report = support::check(
+        std::process::Command::new(env!("CARGO_BIN_EXE_regscope")).args([
+            "report",
+            "--admin",
+            &format!("http://{admin}"),
+            "--json",
+            "--last",
+            "50",
+        ]),
+        Duration::from_secs(30),
+    );
+    let reported: Vec<Transfer> = serde_json::from_str(&report).expect("report --json parses as transfers");
+    let from_report = |id: u64| reported.iter().find(|t| t.id == id).cloned().expect("the transfer is in the report");
+    let (push, pull) = (from_report(push.id), from_report(pull.id));
     for t in [&push, &pull] {
         assert_eq!(t.outcome, Outcome::Complete, "{}", pretty(t));
         let trace_id = t.trace_id.expect("a transfer names its trace when traces are on").to_string();
