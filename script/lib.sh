@@ -3,7 +3,7 @@
 # and removes exactly the directories it made.
 #
 #   rs_install_packages          apt-get install what is missing of docker.io, docker-registry,
-#                                skopeo, prometheus, curl, chromium (apt-get update only when something is missing)
+#                                skopeo, prometheus, curl, chromium, haproxy (apt-get update only when something is missing)
 #   rs_start_dockerd DIR         start a private dockerd whose every file lives under DIR; sets
 #                                RS_DOCKER_HOST=unix://DIR/docker.sock once `docker info` answers
 #   rs_start_registry DIR PORT   start distribution on 127.0.0.1:PORT, storage and log under DIR
@@ -47,7 +47,7 @@ rs_wait_http() {
 }
 
 rs_install_packages() {
-    local -A wanted=([curl]=curl [dockerd]=docker.io [docker-registry]=docker-registry [skopeo]=skopeo [prometheus]=prometheus [chromium]=chromium)
+    local -A wanted=([curl]=curl [dockerd]=docker.io [docker-registry]=docker-registry [skopeo]=skopeo [prometheus]=prometheus [chromium]=chromium [haproxy]=haproxy)
     local missing=() cmd
     for cmd in "${!wanted[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")

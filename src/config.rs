@@ -61,6 +61,18 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Peers trusted to say who the client is (a load balancer or ingress in front of regscope),
+    /// as address blocks: `10.0.0.0/8,192.0.2.7`. A request from one of them is attributed to the
+    /// client its `Forwarded` or `X-Forwarded-For` names; anyone else's such headers are ignored.
+    #[arg(long, env = "REGSCOPE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<crate::wire::identity::Cidr>,
+
+    /// Every connection to the proxy port starts with a PROXY protocol header (v1 or v2), as an
+    /// L4 balancer sends it (haproxy `send-proxy`, AWS NLB, Envoy): the client is the one it
+    /// names. A connection without a valid one is closed before anything is forwarded.
+    #[arg(long, env = "REGSCOPE_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+
     /// Time allowed to open a connection to the registry.
     #[arg(long, env = "REGSCOPE_UPSTREAM_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub upstream_connect_timeout: Duration,

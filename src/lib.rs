@@ -37,6 +37,7 @@ pub use recording::{Blob, BlobOutcome, BodyView, LiveTransfer, RequestView, Spli
 pub use traces::{parse_traceparent, traceparent, ClientContext, RequestTrace, SpanId, TraceId};
 pub use wire::error::SetupError;
 pub use wire::headers;
+pub use wire::identity::Cidr;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -99,6 +100,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         capture_storage: config.redirects == config::RedirectMode::Capture,
         capture_auth: config.auth_realms == config::RedirectMode::Capture,
         traces: exporter.is_some(),
+        trusted: config.trusted_proxies.clone(),
         recorders,
     });
     let probe =
@@ -127,6 +129,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         max_connections: config.max_connections.max(1),
         large_read_connections: config.large_read_streams,
         grace: config.shutdown_grace,
+        proxy_protocol: config.proxy_protocol,
     };
     server::run(listener, admin_listener, proxy, admin, limits, shutdown).await;
     tracker.close_all();

@@ -4,7 +4,9 @@
 pub(crate) mod elsewhere;
 pub(crate) mod error;
 pub mod headers;
+pub(crate) mod identity;
 pub(crate) mod proxy;
+pub(crate) mod proxy_protocol;
 pub(crate) mod redirects;
 pub(crate) mod server;
 pub(crate) mod socket;

@@ -25,6 +25,7 @@ use crate::traces::{parse_traceparent, traceparent, RequestTrace, SpanId};
 use crate::wire::elsewhere;
 use crate::wire::error::{classify_client_error, ClientFault, ProxyError};
 use crate::wire::headers::{self, ClientView, HostMode, Origin};
+use crate::wire::identity::{self, Cidr};
 use crate::wire::redirects::{Kind, Redirect, Redirects, AUTH_PREFIX, PREFIX};
 use crate::wire::upstream::{UpstreamTarget, Upstreams};
 
@@ -78,6 +79,8 @@ pub(crate) struct Proxy {
     pub capture_auth: bool,
     /// Whether requests get spans (traces are exported): off, no header is read or written.
     pub traces: bool,
+    /// Peers whose forwarding headers name the client (`--trusted-proxies`).
+    pub trusted: Vec<Cidr>,
 }
 
 /// Where an exchange is forwarded.
@@ -143,7 +146,8 @@ impl Proxy {
             Ok(Target::Auth(_)) => Route { repository: scope.as_deref(), ..Route::op(Operation::AuthToken) },
         };
         let trace = self.traces.then(|| request_trace(req.headers(), path_and_query, target.as_ref().ok()));
-        let exchange = Exchange::start(&route, req.method(), conn.peer, path_and_query, trace, self.recorders.clone());
+        let client = identity::client_of(conn.peer, req.headers(), &self.trusted);
+        let exchange = Exchange::start(&route, req.method(), client, path_and_query, trace, self.recorders.clone());
         let target = match target {
             Ok(target) => target,
             Err(refusal) => {

@@ -22,6 +22,7 @@ use crate::presentation::admin::Admin;
 use crate::protocol::Side;
 use crate::wire::headers;
 use crate::wire::proxy::{ConnInfo, Proxy};
+use crate::wire::proxy_protocol::{self, Source};
 use crate::wire::socket::{Watch, Watched};
 
 /// How long a TLS handshake may take.
@@ -37,6 +38,8 @@ pub(crate) struct Limits {
     pub large_read_connections: usize,
     /// After shutdown begins, how long in-flight connections may finish.
     pub grace: Duration,
+    /// Every connection starts with a PROXY protocol header (`--proxy-protocol`).
+    pub proxy_protocol: bool,
 }
 
 /// Sent, then the connection closed, when `max_connections` are already being served.
@@ -86,7 +89,7 @@ pub(crate) async fn run(
             tokio::spawn(refuse_overloaded(stream, proxy_listener.tls.is_some()));
             continue;
         };
-        let conn = ConnInfo {
+        let mut conn = ConnInfo {
             peer,
             forwarded_for: headers::forwarded_for(peer.ip()),
             tls: proxy_listener.tls.is_some(),
@@ -97,9 +100,27 @@ pub(crate) async fn run(
         let large_reads = large_reads.clone();
         let mut stop = stop_rx.clone();
         let header_read_timeout = limits.header_read_timeout;
+        let proxy_protocol = limits.proxy_protocol;
         tokio::spawn(async move {
             let _slot = slot;
             let _open = Counted::new(proxy.recorders.metrics.connection_gauge(Side::Client));
+            let mut stream = stream;
+            if proxy_protocol {
+                let header = tokio::select! {
+                    header = proxy_protocol::read_header(&mut stream, header_read_timeout) => header,
+                    _ = stop.changed() => return,
+                };
+                match header {
+                    Ok(Source::Client(client)) => {
+                        conn.peer = client;
+                        conn.forwarded_for = headers::forwarded_for(client.ip());
+                    }
+                    Ok(Source::Peer) => {}
+                    Err(refused) => {
+                        return tracing::debug!(peer = %conn.peer, ?refused, "no valid PROXY header: connection closed")
+                    }
+                }
+            }
             // Until a client has said which protocol it speaks it is not served; a silent one is
             // closed after the header timeout, and shutdown does not wait for it.
             let result = match tls {
