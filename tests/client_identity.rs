@@ -67,7 +67,8 @@ fn forwarded_headers_name_the_client_only_from_a_trusted_peer() {
     let registry = Registry::start();
     let trusting = Regscope::start(&["--upstream", &registry.url(), "--trusted-proxies", "10.0.0.0/8,127.0.0.1"]);
     let doubting = Regscope::start(&["--upstream", &registry.url(), "--trusted-proxies", "10.0.0.0/8"]);
-    let cases: &[(&Regscope, &str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a Regscope, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (&trusting, "identity/xff", &[("X-Forwarded-For", "203.0.113.7, 10.1.2.3")], "203.0.113.7"),
         (&trusting, "identity/forwarded", &[("Forwarded", r#"for="[2001:db8::7]:4711";proto=https"#)], "2001:db8::7"),
         (&doubting, "identity/stranger", &[("X-Forwarded-For", "203.0.113.7")], "127.0.0.1"),

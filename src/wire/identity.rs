@@ -129,7 +129,8 @@ mod tests {
         let trusted: Vec<Cidr> = vec!["127.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
         let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let stranger: SocketAddr = "198.51.100.1:40000".parse().unwrap();
-        let cases: &[(SocketAddr, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (SocketAddr, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (peer, &[("x-forwarded-for", "203.0.113.7")], "203.0.113.7"),
             (peer, &[("x-forwarded-for", "203.0.113.7, 10.1.1.1")], "203.0.113.7"),
             (peer, &[("x-forwarded-for", "198.51.100.9, 203.0.113.7")], "203.0.113.7"),
