@@ -11,43 +11,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use regscope::TransferDirection;
-use support::client::{digest_of, target_at, with_digest, Conn};
+use support::client::{push_small_image, Conn};
 use support::replay::wait_for_transfer;
 use support::{free_port, wait_for_tcp, Registry, Regscope, TempDir};
 
-/// A small image pushed over `conn` (to regscope at `host`), every request carrying `extra`.
+/// A small image pushed over `conn` to regscope at `host`, every request carrying `extra`.
 fn push(conn: &mut Conn<TcpStream>, host: &str, repository: &str, extra: &[(&str, &str)]) {
-    let headers = |more: &[(&'static str, &'static str)]| -> Vec<(String, String)> {
-        let mut all = vec![("Host".to_owned(), host.to_owned())];
-        all.extend(extra.iter().chain(more).map(|(k, v)| (k.to_string(), v.to_string())));
-        all
-    };
-    let send =
-        |conn: &mut Conn<TcpStream>, method: &str, target: &str, more: &[(&'static str, &'static str)], body: &[u8]| {
-            let owned = headers(more);
-            let borrowed: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            conn.request(method, target, &borrowed, body).unwrap()
-        };
-    let config = br#"{"architecture":"amd64"}"#.to_vec();
-    let layer = vec![0x42; 32 << 10];
-    for blob in [&config, &layer] {
-        let started = send(conn, "POST", &format!("/v2/{repository}/blobs/uploads/"), &[], b"");
-        assert_eq!(started.status(), 202, "{}", started.text());
-        let location = started.header("location").unwrap().to_owned();
-        let target = with_digest(&target_at(&location, &format!("http://{host}")), &digest_of(blob));
-        let put = send(conn, "PUT", &target, &[("Content-Type", "application/octet-stream")], blob);
-        assert_eq!(put.status(), 201, "{}", put.text());
-    }
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": config.len(), "digest": digest_of(&config)},
-        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": layer.len(), "digest": digest_of(&layer)}],
-    })
-    .to_string();
-    let content_type = ("Content-Type", "application/vnd.docker.distribution.manifest.v2+json");
-    let put = send(conn, "PUT", &format!("/v2/{repository}/manifests/v1"), &[content_type], manifest.as_bytes());
-    assert_eq!(put.status(), 201, "{}", put.text());
+    push_small_image(conn, host, repository, "v1", 0x42, extra);
 }
 
 /// A connection to `to` from the loopback address `from` (any 127/8 address is this machine).

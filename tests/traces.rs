@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::trace::v1::Span;
 use regscope::{Outcome, Transfer, TransferDirection};
-use support::client::{digest_of, start_upload, target_at, with_digest, Conn};
+use support::client::{digest_of, push_small_image, start_upload, Conn};
 use support::otlp::{attribute, hex, Answer, Collector};
 use support::replay::{pretty, transfers, wait_for_transfer};
 use support::{docker, eventually, free_port, metric_sum, Registry, Regscope, TestImage};
@@ -417,37 +417,10 @@ fn a_clients_traceparent_is_joined_and_the_registry_is_told_regscopes_span() {
     assert_eq!(header(&origin.headers_of("GET /v2/ "), "traceparent"), None);
 }
 
-/// A small image pushed with the raw client: config and layer, then the manifest by tag.
+/// A small image pushed with the raw client, on a connection of its own; how long it took.
 fn push_small(proxy: SocketAddr, repository: &str, tag: &str, seed: u8) -> Duration {
-    let host = proxy.to_string();
     let started = Instant::now();
-    let mut conn = Conn::connect(proxy);
-    let config = format!("{{\"architecture\":\"amd64\",\"seed\":{seed}}}").into_bytes();
-    let layer = vec![seed; 64 << 10];
-    for blob in [&config, &layer] {
-        let location = start_upload(&mut conn, &host, repository);
-        let target = with_digest(&target_at(&location, &format!("http://{host}")), &digest_of(blob));
-        let response = conn
-            .request("PUT", &target, &[("Host", &host), ("Content-Type", "application/octet-stream")], blob)
-            .unwrap();
-        assert_eq!(response.status(), 201, "{}", response.text());
-    }
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": config.len(), "digest": digest_of(&config)},
-        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": layer.len(), "digest": digest_of(&layer)}],
-    })
-    .to_string();
-    let response = conn
-        .request(
-            "PUT",
-            &format!("/v2/{repository}/manifests/{tag}"),
-            &[("Host", &host), ("Content-Type", "application/vnd.docker.distribution.manifest.v2+json")],
-            manifest.as_bytes(),
-        )
-        .unwrap();
-    assert_eq!(response.status(), 201, "{}", response.text());
+    push_small_image(&mut Conn::connect(proxy), &proxy.to_string(), repository, tag, seed, &[]);
     started.elapsed()
 }
 

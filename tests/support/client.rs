@@ -394,3 +394,46 @@ pub fn with_digest(target: &str, digest: &str) -> String {
     let separator = if target.contains('?') { '&' } else { '?' };
     format!("{target}{separator}digest={digest}")
 }
+
+/// A small image (a config and one `seed`-filled 32 KiB layer) pushed over `conn` to the regscope
+/// or registry at `host`, as `repository:tag`: each blob by `POST` then `PUT ?digest=`, then the
+/// manifest by tag. Every request also carries `extra` headers. Asserts every status.
+pub fn push_small_image<S: Read + Write>(
+    conn: &mut Conn<S>,
+    host: &str,
+    repository: &str,
+    tag: &str,
+    seed: u8,
+    extra: &[(&str, &str)],
+) {
+    let headers = |more: &[(&'static str, &'static str)]| -> Vec<(String, String)> {
+        let mut all = vec![("Host".to_owned(), host.to_owned())];
+        all.extend(extra.iter().chain(more).map(|(k, v)| (k.to_string(), v.to_string())));
+        all
+    };
+    let mut send = |method: &str, target: &str, more: &[(&'static str, &'static str)], body: &[u8]| {
+        let owned = headers(more);
+        let borrowed: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        conn.request(method, target, &borrowed, body).unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+    };
+    let config = format!("{{\"architecture\":\"amd64\",\"seed\":{seed}}}").into_bytes();
+    let layer = vec![seed; 32 << 10];
+    for blob in [&config, &layer] {
+        let started = send("POST", &format!("/v2/{repository}/blobs/uploads/"), &[], b"");
+        assert_eq!(started.status(), 202, "{}", started.text());
+        let location = started.header("location").expect("202 with a Location").to_owned();
+        let target = with_digest(&target_at(&location, &format!("http://{host}")), &digest_of(blob));
+        let put = send("PUT", &target, &[("Content-Type", "application/octet-stream")], blob);
+        assert_eq!(put.status(), 201, "{}", put.text());
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": config.len(), "digest": digest_of(&config)},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": layer.len(), "digest": digest_of(&layer)}],
+    })
+    .to_string();
+    let content_type = ("Content-Type", "application/vnd.docker.distribution.manifest.v2+json");
+    let put = send("PUT", &format!("/v2/{repository}/manifests/{tag}"), &[content_type], manifest.as_bytes());
+    assert_eq!(put.status(), 201, "{}", put.text());
+}
