@@ -311,7 +311,10 @@ impl BodyRecorder for Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
+        // The span is moved, not copied: it holds the request's path.
+        let trace = self.record.trace.take();
         let mut record = self.record.clone();
+        record.trace = trace;
         record.forwarded = self.forwarded.get().copied();
         record.response_head = self.response_head.get().copied();
         record.status = match self.status.load(Ordering::Relaxed) {
