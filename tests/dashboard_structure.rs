@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use regscope::percent_decode;
 use serde_json::Value;
 
 fn dashboard() -> Value {
@@ -277,23 +278,6 @@ fn explore_panes(origin: &str, url: &str) -> Vec<Value> {
     let panes: Vec<Value> = panes.as_object().expect("panes by id").values().cloned().collect();
     assert!(!panes.is_empty(), "{origin}: no pane");
     panes
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("percent escape");
-            out.push(u8::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("%{hex}: {e}")));
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).expect("UTF-8")
 }
 
 /// The push and pull panels lead to their traces: Explore, on the `tempo` variable's datasource,

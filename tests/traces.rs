@@ -9,7 +9,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +19,10 @@ use regscope::{Outcome, Transfer, TransferDirection};
 use support::client::{digest_of, push_small_image, start_upload, Conn};
 use support::otlp::{attribute, hex, Answer, Collector};
 use support::replay::{pretty, transfers, wait_for_transfer};
-use support::{docker, eventually, free_port, metric_sum, Registry, Regscope, TestImage};
+use support::{
+    docker, eventually, free_port, head_header, metric_sum, read_request_head, Registry, Regscope, RequestHead,
+    TestImage,
+};
 
 /// Exports quickly, so tests need not wait the specification's five seconds.
 const FAST: (&str, &str) = ("OTEL_BSP_SCHEDULE_DELAY", "100");
@@ -249,11 +252,8 @@ fn a_docker_push_and_pull_are_one_trace_each_that_agrees_with_the_report() {
 /// test sees exactly what regscope forwarded.
 struct RecordingOrigin {
     addr: SocketAddr,
-    heads: Arc<Mutex<Vec<Head>>>,
+    heads: Arc<Mutex<Vec<RequestHead>>>,
 }
-
-/// A request line and its headers (lower-cased names).
-type Head = (String, Vec<(String, String)>);
 
 impl RecordingOrigin {
     fn start(repository: &'static str, blobs: Vec<Vec<u8>>) -> RecordingOrigin {
@@ -288,26 +288,17 @@ impl RecordingOrigin {
     }
 }
 
-fn serve_origin(stream: TcpStream, repository: &str, blobs: &[Vec<u8>], manifest: &[u8], heads: &Mutex<Vec<Head>>) {
+fn serve_origin(
+    stream: TcpStream,
+    repository: &str,
+    blobs: &[Vec<u8>],
+    manifest: &[u8],
+    heads: &Mutex<Vec<RequestHead>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut headers = Vec::new();
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                return;
-            }
-            match header.trim_end().split_once(':') {
-                Some((name, value)) => headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned())),
-                None => break,
-            }
-        }
-        heads.lock().unwrap().push((line.trim_end().to_owned(), headers));
+    while let Some((line, headers)) = read_request_head(&mut reader) {
+        heads.lock().unwrap().push((line.clone(), headers));
         let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
         let (status, content_type, body): (u16, &str, &[u8]) = if path == "/v2/" {
             (200, "application/json", b"{}")
@@ -327,10 +318,6 @@ fn serve_origin(stream: TcpStream, repository: &str, blobs: &[Vec<u8>], manifest
             return;
         }
     }
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
 }
 
 #[test]
@@ -380,7 +367,7 @@ fn a_clients_traceparent_is_joined_and_the_registry_is_told_regscopes_span() {
 
     // The registry got regscope's span in the client's trace; that span's parent is the client's.
     let forwarded = origin.headers_of("/manifests/v1");
-    let value = header(&forwarded, "traceparent").expect("the registry-side request carries a traceparent");
+    let value = head_header(&forwarded, "traceparent").expect("the registry-side request carries a traceparent");
     let fields: Vec<&str> = value.split('-').collect();
     assert_eq!((fields[0], fields[1], fields[3]), ("00", client_trace, "01"), "{value}");
     assert_ne!(fields[2], manifest_parent, "regscope names its own span, not the client's");
@@ -388,16 +375,16 @@ fn a_clients_traceparent_is_joined_and_the_registry_is_told_regscopes_span() {
     assert_eq!(hex(&span.trace_id), client_trace, "the request's span joins the client's trace");
     assert_eq!(hex(&span.parent_span_id), manifest_parent, "under the client's span");
     assert_eq!(span.name, "GET manifest_get");
-    assert_eq!(header(&forwarded, "tracestate"), Some("vendor=opaque-1"), "tracestate passes untouched");
-    assert_eq!(header(&forwarded, "baggage"), Some("build=42"), "baggage passes untouched");
+    assert_eq!(head_header(&forwarded, "tracestate"), Some("vendor=opaque-1"), "tracestate passes untouched");
+    assert_eq!(head_header(&forwarded, "baggage"), Some("build=42"), "baggage passes untouched");
     let config = origin.headers_of(&digest_of(&blobs[0]));
-    let config_span = span_named(header(&config, "traceparent").unwrap().split('-').nth(2).unwrap());
+    let config_span = span_named(head_header(&config, "traceparent").unwrap().split('-').nth(2).unwrap());
     assert_eq!(hex(&config_span.parent_span_id), config_parent);
 
     // A request without context is in the transfer's trace, under its blob, and so is what the
     // registry was told.
     let layer = origin.headers_of(&digest_of(&blobs[1]));
-    let value = header(&layer, "traceparent").expect("traceparent on a request the client sent none with");
+    let value = head_header(&layer, "traceparent").expect("traceparent on a request the client sent none with");
     let fields: Vec<&str> = value.split('-').collect();
     assert_eq!(fields[1], transfer_trace, "{value}");
     let layer_span = span_named(fields[2]);
@@ -414,7 +401,7 @@ fn a_clients_traceparent_is_joined_and_the_registry_is_told_regscopes_span() {
     // A request that is part of no transfer gets no traceparent from regscope.
     let ping = conn.request("GET", "/v2/", &[("Host", &host)], b"").unwrap();
     assert_eq!(ping.status(), 200);
-    assert_eq!(header(&origin.headers_of("GET /v2/ "), "traceparent"), None);
+    assert_eq!(head_header(&origin.headers_of("GET /v2/ "), "traceparent"), None);
 }
 
 /// A small image pushed with the raw client, on a connection of its own; how long it took.

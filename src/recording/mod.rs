@@ -15,7 +15,7 @@ mod tracker;
 
 pub(crate) use model::image_name;
 pub use model::{Blob, BlobOutcome, LiveTransfer, Transfer};
-pub(crate) use phases::role as upload_role;
+pub(crate) use phases::upload_pieces;
 pub use phases::UploadPhases;
 
 pub use split::Split;

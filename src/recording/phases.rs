@@ -56,7 +56,7 @@ impl UploadPhases {
 }
 
 /// What a request does for an upload.
-pub(crate) fn role(op: Operation) -> Option<Phase> {
+fn role(op: Operation) -> Option<Phase> {
     use Operation::*;
     match op {
         UploadStart | UploadStartMonolithic | BlobMount | V1ImageJsonPut => Some(Phase::Start),
@@ -69,6 +69,35 @@ pub(crate) fn role(op: Operation) -> Option<Phase> {
 /// Whether a request belongs to an upload at all.
 pub(super) fn is_upload_request(op: Operation) -> bool {
     role(op).is_some() || op == Operation::UploadStatus
+}
+
+/// One upload's phases as they happened, for drawing them: each start, transfer and commit request
+/// (a commit that carries the blob is its transfer up to its last byte, as in `upload_phases`), and
+/// every gap where none of its requests was on the wire. The pieces of a phase add up to it.
+pub(crate) fn upload_pieces(requests: &[&RequestView]) -> Vec<(Phase, f64, f64)> {
+    let mut requests = requests.to_vec();
+    requests.sort_by(|a, b| a.start.total_cmp(&b.start));
+    let mut pieces = Vec::new();
+    let mut covered = requests.first().map_or(0.0, |r| r.start);
+    for r in requests {
+        if r.start > covered {
+            pieces.push((Phase::Gap, covered, r.start));
+        }
+        covered = covered.max(r.end);
+        match role(r.operation) {
+            Some(Phase::Commit) => match r.upload.as_ref().filter(|b| b.bytes > 0) {
+                Some(body) => {
+                    let split = body.end.clamp(r.start, r.end);
+                    pieces.push((Phase::Transfer, r.start, split));
+                    pieces.push((Phase::Commit, split, r.end));
+                }
+                None => pieces.push((Phase::Commit, r.start, r.end)),
+            },
+            Some(phase) => pieces.push((phase, r.start, r.end)),
+            None => {}
+        }
+    }
+    pieces
 }
 
 /// Computes the phases of one upload from its requests (in any order).

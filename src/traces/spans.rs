@@ -23,7 +23,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Sta
 use super::context::{SpanId, TraceId};
 use crate::presentation::report::blob_name;
 use crate::protocol::{Outcome, Party, Phase};
-use crate::recording::{Blob, RequestView, Transfer};
+use crate::recording::{upload_pieces, Blob, RequestView, Transfer};
 
 /// How many spans `transfer_spans` makes of a transfer, without making them.
 pub(crate) fn span_count(t: &Transfer) -> usize {
@@ -169,33 +169,10 @@ fn request_span(
     }
 }
 
-/// An upload's phases as they happened: each start, transfer and commit request (a commit that
-/// carries the blob is its transfer up to its last byte), and the gaps where nothing of the
-/// upload was on the wire. The pieces of each phase add up to that phase in the report.
+/// A pushed blob's phases as they happened (see `recording::upload_pieces`).
 fn phase_pieces(blob: &Blob, by_id: &HashMap<u64, &RequestView>) -> Vec<(Phase, f64, f64)> {
-    let mut requests: Vec<&RequestView> = blob.requests.iter().filter_map(|id| by_id.get(id).copied()).collect();
-    requests.sort_by(|a, b| a.start.total_cmp(&b.start));
-    let mut pieces = Vec::new();
-    let mut covered = requests.first().map_or(0.0, |r| r.start);
-    for r in requests {
-        if r.start > covered {
-            pieces.push((Phase::Gap, covered, r.start));
-        }
-        covered = covered.max(r.end);
-        match crate::recording::upload_role(r.operation) {
-            Some(Phase::Commit) => match r.upload.as_ref().filter(|b| b.bytes > 0) {
-                Some(body) => {
-                    let split = body.end.clamp(r.start, r.end);
-                    pieces.push((Phase::Transfer, r.start, split));
-                    pieces.push((Phase::Commit, split, r.end));
-                }
-                None => pieces.push((Phase::Commit, r.start, r.end)),
-            },
-            Some(phase) => pieces.push((phase, r.start, r.end)),
-            None => {}
-        }
-    }
-    pieces
+    let requests: Vec<&RequestView> = blob.requests.iter().filter_map(|id| by_id.get(id).copied()).collect();
+    upload_pieces(&requests)
 }
 
 /// `regscope.seconds.<party>`: every party on the root, the non-zero ones elsewhere.

@@ -57,29 +57,19 @@ pub(crate) fn client_of(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr])
         return peer;
     }
     // `Forwarded` first (the standard), then `X-Forwarded-For`; each header line may hold a list,
-    // and several lines are one list in order. Walk from the nearest hop outwards.
-    let forwarded: Vec<IpAddr> = headers
-        .get_all(http::header::FORWARDED)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(forwarded_for)
-        .collect();
-    let hops = if forwarded.is_empty() {
-        headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
-            .collect()
-    } else {
-        forwarded
+    // and several lines are one list in order. Walk from the nearest hop outwards (no allocation:
+    // this runs per request behind a trusted balancer).
+    let hops = |name: http::header::HeaderName, parse: fn(&str) -> Option<IpAddr>| {
+        let values = headers.get_all(name).into_iter().filter_map(|v| v.to_str().ok());
+        values.flat_map(|v| v.split(',')).filter_map(parse)
     };
-    match hops.iter().rev().find(|ip| !is_trusted(**ip)).or(hops.first()) {
-        Some(ip) => SocketAddr::new(ip.to_canonical(), 0),
-        None => peer,
-    }
+    let client = |name: http::header::HeaderName, parse: fn(&str) -> Option<IpAddr>| {
+        hops(name.clone(), parse).rev().find(|ip| !is_trusted(*ip)).or_else(|| hops(name, parse).next())
+    };
+    let x_forwarded_for = http::header::HeaderName::from_static("x-forwarded-for");
+    let found = client(http::header::FORWARDED, forwarded_for)
+        .or_else(|| client(x_forwarded_for, |hop| hop.trim().parse().ok()));
+    found.map_or(peer, |ip| SocketAddr::new(ip.to_canonical(), 0))
 }
 
 /// The address in one `Forwarded` element's `for=` (quoted, bracketed IPv6, an optional port).

@@ -25,7 +25,7 @@ mod token;
 
 pub use docker::{containerd_socket, ctr, docker, Docker};
 pub use image::{go_arch, sha256_digest, sha256_file, LayerInfo, TestImage};
-pub use net::{free_port, http_get, wait_for_tcp, HttpResponse};
+pub use net::{free_port, head_header, http_get, read_request_head, wait_for_tcp, HttpResponse, RequestHead};
 pub use process::{check, check_bytes, eventually, output, skopeo, TempDir};
 pub use registry::{LoggedRequest, Registry, RegistryOptions};
 pub use regscope::{metric_sum, Regscope, RequestEvent};

@@ -88,3 +88,31 @@ fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
         rest = rest.get(size + 2..)?;
     }
 }
+
+/// A request line and its headers (names lower-cased, values trimmed), as a test server reads them.
+pub type RequestHead = (String, Vec<(String, String)>);
+
+/// Reads one request head off `reader`; `None` when the connection ends first.
+pub fn read_request_head(reader: &mut impl std::io::BufRead) -> Option<RequestHead> {
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).ok()? == 0 {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        match line.trim_end().split_once(':') {
+            Some((name, value)) => headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned())),
+            None if line.trim_end().is_empty() => return Some((request_line.trim_end().to_owned(), headers)),
+            None => {}
+        }
+    }
+}
+
+/// A header of a head `read_request_head` read.
+pub fn head_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 
+use super::net::{head_header, read_request_head};
 use super::process::TempDir;
 
 pub const SERVICE: &str = "regscope-test-registry";
@@ -117,22 +118,8 @@ impl Signer {
 /// Answers one connection's one request.
 fn serve(stream: TcpStream, signer: &Signer, seen: &Mutex<Seen>, delay: Duration) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-        return;
-    }
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().unwrap_or(0);
-            }
-        }
-    }
+    let Some((request_line, headers)) = read_request_head(&mut reader) else { return };
+    let length: usize = head_header(&headers, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body).unwrap();
     let target = request_line.split(' ').nth(1).unwrap_or("/");
