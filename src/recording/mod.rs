@@ -1,6 +1,7 @@
 //! Recording: requests grouped into pushes and pulls, their upload phases, and the timeline
 //! that gives every instant of a transfer to exactly one party.
 
+mod claims;
 mod manifests;
 mod model;
 mod phases;

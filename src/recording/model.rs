@@ -19,7 +19,8 @@ pub enum BlobOutcome {
     Failed,
     Abandoned,
     Fetched,
-    /// Named by the pull's manifest but not fetched: the client had it already.
+    /// Named by the manifest but not moved by this transfer: the client had it (pull), the
+    /// registry had it (push), or a concurrent transfer moved it.
     Present,
 }
 

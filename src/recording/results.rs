@@ -22,7 +22,13 @@ pub(crate) fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transf
         Outcome::Incomplete
     });
     let blobs = match key.direction {
-        TransferDirection::Push => push_blobs(&requests, &s.expected, idle_closed),
+        TransferDirection::Push => {
+            let mut blobs = push_blobs(&requests, &s.expected, idle_closed);
+            if outcome == Outcome::Complete && s.api == Api::V2 {
+                add_present(&mut blobs, &s.expected);
+            }
+            blobs
+        }
         TransferDirection::Pull => {
             let mut blobs = pull_blobs(&requests, &s.expected);
             if outcome == Outcome::Complete {
@@ -39,8 +45,13 @@ pub(crate) fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transf
         })
         .sum();
     // The session's clock was read when it opened; its base may be an earlier request (a token
-    // request held for it), and every offset counts from the base.
-    let started = s.started_wall.checked_sub(s.created.saturating_duration_since(s.base)).unwrap_or(s.started_wall);
+    // request held for it, requests claimed from a pool) or a later one (an image claimed from a
+    // pool opened before it), and every offset counts from the base.
+    let started = if s.base <= s.created {
+        s.started_wall.checked_sub(s.created - s.base).unwrap_or(s.started_wall)
+    } else {
+        s.started_wall + (s.base - s.created)
+    };
     let started_ns = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     Transfer {
         id: 0,
@@ -170,7 +181,8 @@ pub(crate) fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<
     blobs
 }
 
-/// A complete pull's blobs that its manifest names and it did not fetch: the client had them.
+/// A complete transfer's blobs that its manifest names and it did not move: the other side had
+/// them (a pull's client, a push's registry), or a concurrent transfer moved them.
 fn add_present(blobs: &mut Vec<Blob>, expected: &[BlobRef]) {
     for blob in expected {
         if blobs.iter().any(|b| b.digest.as_deref() == Some(blob.digest.as_str())) {

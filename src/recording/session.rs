@@ -28,6 +28,45 @@ pub(crate) struct Key {
     pub(crate) direction: TransferDirection,
 }
 
+/// An image's transfer in progress: a session a manifest opened, with the requests it claimed.
+pub(crate) struct Image {
+    pub(crate) key: Key,
+    pub(crate) session: Session,
+    /// Manifests that belong to it by digest: its own, and the platform manifests its index names.
+    pub(crate) manifests: Vec<Box<str>>,
+    /// Names it in the tracker's in-flight table while requests of it are on the wire.
+    pub(crate) slot: u64,
+}
+
+impl Image {
+    /// Whether a request for the manifest `reference` (a tag or a digest), answered with
+    /// `digest` if the registry said one, belongs to this image.
+    pub(crate) fn answers_to(&self, reference: &str, digest: Option<&str>) -> bool {
+        if reference.contains(':') {
+            return self.manifests.iter().any(|m| &**m == reference);
+        }
+        self.session.tag.as_deref() == Some(reference)
+            && digest.is_none_or(|d| self.manifests.first().is_none_or(|m| &**m == d))
+    }
+
+    /// How much this image wants a fetch of the blob `digest`: 3 if it names it and has not
+    /// fetched it, 2 if it fetched it already, 1 if only a platform manifest it may pull does.
+    pub(crate) fn wants_blob(&self, digest: &str) -> u8 {
+        let s = &self.session;
+        if s.expected.iter().any(|b| b.digest == digest) {
+            if s.fetched.contains(digest) {
+                2
+            } else {
+                3
+            }
+        } else if s.candidates.iter().any(|c| c.blobs.iter().any(|b| b.digest == digest)) {
+            1
+        } else {
+            0
+        }
+    }
+}
+
 /// A transfer in progress.
 pub(crate) struct Session {
     pub(crate) api: Api,
@@ -88,6 +127,12 @@ impl Session {
             request_failed: false,
             outcome: None,
         }
+    }
+
+    /// Whether it holds nothing a transfer would show: every request of it was claimed, or all
+    /// it has left are token requests.
+    pub(crate) fn hollow(&self) -> bool {
+        self.dropped == 0 && self.records.iter().all(|r| r.operation == Operation::AuthToken)
     }
 
     /// What this session looks like now, with what each of its requests on the wire has moved.
@@ -208,7 +253,7 @@ fn adopt_candidate(s: &mut Session, digest: &str) {
 
 /// Whether a request failed as far as its transfer is concerned. A 401 is the challenge before
 /// a token, and a `HEAD` answered 404 is a probe: neither fails a transfer.
-fn request_failed(r: &ExchangeRecord) -> bool {
+pub(crate) fn request_failed(r: &ExchangeRecord) -> bool {
     let probe = matches!(r.operation, Operation::ManifestHead | Operation::BlobHead);
     r.aborted_by().is_some()
         || match r.status {

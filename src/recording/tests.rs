@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{BlobKind, BodyEnd, Direction, Operation, Outcome, TransferDirection};
 use crate::recording::BlobOutcome;
 
-fn record(id: u64, op: Operation, repo: &str, at: Instant, secs: f64, status: u16) -> ExchangeRecord {
+pub(super) fn record(id: u64, op: Operation, repo: &str, at: Instant, secs: f64, status: u16) -> ExchangeRecord {
     let end = at + Duration::from_secs_f64(secs);
     ExchangeRecord {
         id,
@@ -84,8 +84,10 @@ async fn a_docker_style_push_becomes_one_complete_transfer() {
         (push.direction, push.outcome, push.tag.as_deref()),
         (TransferDirection::Push, Outcome::Complete, Some("v1"))
     );
-    assert_eq!(push.blobs.len(), 1);
-    let blob = &push.blobs[0];
+    assert_eq!(push.blobs.len(), 2, "the layer pushed, and the config the registry had");
+    let config = push.blobs.iter().find(|b| b.digest.as_deref() == Some("sha256:cc")).unwrap();
+    assert_eq!((config.outcome, config.bytes), (BlobOutcome::Present, 0));
+    let blob = push.blobs.iter().find(|b| b.digest.as_deref() == Some("sha256:aa")).unwrap();
     assert_eq!((blob.digest.as_deref(), blob.kind, blob.bytes), (Some("sha256:aa"), Some(BlobKind::Layer), 1000));
     assert_eq!(blob.outcome, BlobOutcome::Committed);
     assert!((push.parties.total() - push.wall_seconds).abs() < 1e-9);
@@ -143,8 +145,8 @@ async fn polling_one_manifest_does_not_grow_the_session() {
         t.finished(get);
     }
     let state = t.lock();
-    let session = state.open.values().next().unwrap();
-    assert_eq!(session.expected.len(), 2);
+    assert_eq!((state.images.len(), state.open.len()), (1, 0), "one image, its pool claimed");
+    assert_eq!(state.images[0].session.expected.len(), 2);
 }
 
 /// A manifest body naming a config and layers of the given digests, each of size 100 × its
@@ -326,4 +328,158 @@ async fn a_pull_that_needs_no_blob_waits_longer_then_lists_everything_present() 
             ("sha256:c".into(), BlobOutcome::Present, 0, Some(7))
         ]
     );
+}
+
+/// One blob's upload as docker makes it: `POST`, one `PATCH` of `bytes`, the commit naming it.
+fn upload(first_id: u64, repo: &str, at: Instant, digest: &str, bytes: u64) -> Vec<ExchangeRecord> {
+    let uuid = format!("u-{digest}");
+    let mut post = record(first_id, Operation::UploadStart, repo, at, 0.01, 202);
+    post.response_info.upload_uuid = Some(uuid.as_str().into());
+    let mut patch = record(first_id + 1, Operation::UploadChunk, repo, at, 0.1, 202);
+    patch.upload_id = Some(uuid.as_str().into());
+    patch.upload = body(Direction::Upload, bytes, at, at + Duration::from_millis(100));
+    let mut put = record(first_id + 2, Operation::UploadFinish, repo, at + Duration::from_millis(100), 0.01, 201);
+    put.upload_id = Some(uuid.as_str().into());
+    put.digest = Some(digest.into());
+    vec![post, patch, put]
+}
+
+fn manifest_put(id: u64, repo: &str, at: Instant, reference: &str, digest: &str, body: Vec<u8>) -> ExchangeRecord {
+    let mut put = record(id, Operation::ManifestPut, repo, at, 0.01, 201);
+    put.reference = Some(reference.into());
+    put.response_info.content_digest = Some(digest.into());
+    put.captured = Some(body);
+    put
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_pushes_to_one_repository_are_one_transfer_each() {
+    let t = tracker(TrackerConfig::default());
+    let t0 = Instant::now();
+    let at = |s: f64| t0 + Duration::from_secs_f64(s);
+    let mut a = upload(1, "team/app", at(0.0), "sha256:a1", 1000);
+    a.extend(upload(4, "team/app", at(0.1), "sha256:ca", 7));
+    // B's layer is still uploading when A's manifest arrives: only its POST is over.
+    let mut b = upload(11, "team/app", at(0.05), "sha256:b1", 2000);
+    let b_rest = b.split_off(1);
+    // Both name the base layer `s`; A uploaded it.
+    a.extend(upload(21, "team/app", at(0.2), "sha256:s", 500));
+    for r in b.into_iter().chain(a) {
+        t.finished(r);
+    }
+    t.finished(manifest_put(
+        30,
+        "team/app",
+        at(0.5),
+        "a",
+        "sha256:ma",
+        manifest_body("sha256:ca", &["sha256:s", "sha256:a1"]),
+    ));
+    let done = t.recent(10);
+    assert_eq!(done.len(), 1, "A is over; B is not");
+    for r in b_rest {
+        t.finished(r);
+    }
+    for r in upload(40, "team/app", at(0.7), "sha256:cb", 9) {
+        t.finished(r);
+    }
+    t.finished(manifest_put(
+        50,
+        "team/app",
+        at(0.9),
+        "b",
+        "sha256:mb",
+        manifest_body("sha256:cb", &["sha256:s", "sha256:b1"]),
+    ));
+    let done = t.recent(10);
+    assert_eq!(done.len(), 2);
+    assert!(t.lock().open.is_empty() && t.lock().images.is_empty(), "nothing left open");
+    let (b, a) = (&done[0], &done[1]);
+    assert_eq!((a.tag.as_deref(), a.outcome, a.bytes), (Some("a"), Outcome::Complete, 1507));
+    assert_eq!(
+        outcomes(a),
+        [
+            ("sha256:a1".into(), BlobOutcome::Committed, 1000, Some(200)),
+            ("sha256:ca".into(), BlobOutcome::Committed, 7, Some(7)),
+            ("sha256:s".into(), BlobOutcome::Committed, 500, Some(100)),
+        ]
+    );
+    assert_eq!((b.tag.as_deref(), b.outcome, b.bytes), (Some("b"), Outcome::Complete, 2009));
+    assert_eq!(
+        outcomes(b),
+        [
+            ("sha256:b1".into(), BlobOutcome::Committed, 2000, Some(200)),
+            ("sha256:cb".into(), BlobOutcome::Committed, 9, Some(7)),
+            ("sha256:s".into(), BlobOutcome::Present, 0, Some(100)),
+        ]
+    );
+    assert!(b.wall_seconds < 0.95 && b.wall_seconds > 0.85, "B starts at its own first request: {}", b.wall_seconds);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_multi_platform_push_is_one_transfer() {
+    let t = tracker(TrackerConfig::default());
+    let t0 = Instant::now();
+    let at = |s: f64| t0 + Duration::from_secs_f64(s);
+    for (n, platform) in ["amd64", "arm64"].iter().enumerate() {
+        let id = 100 * (n as u64 + 1);
+        let (layer, config, digest) =
+            (format!("sha256:l-{platform}"), format!("sha256:c-{platform}"), format!("sha256:m-{platform}"));
+        for r in upload(id, "team/app", at(n as f64), &layer, 100).into_iter().chain(upload(
+            id + 3,
+            "team/app",
+            at(n as f64),
+            &config,
+            5,
+        )) {
+            t.finished(r);
+        }
+        t.finished(manifest_put(
+            id + 10,
+            "team/app",
+            at(n as f64 + 0.5),
+            &digest,
+            &digest,
+            manifest_body(&config, &[&layer]),
+        ));
+        assert!(t.recent(10).is_empty(), "a platform manifest by digest waits for its index");
+    }
+    let index = br#"{"manifests":[{"digest":"sha256:m-amd64","size":1},{"digest":"sha256:m-arm64","size":1}]}"#;
+    t.finished(manifest_put(300, "team/app", at(2.0), "multi", "sha256:idx", index.to_vec()));
+    let done = t.recent(10);
+    assert_eq!(done.len(), 1, "one push");
+    let push = &done[0];
+    assert_eq!(
+        (push.tag.as_deref(), push.outcome, push.bytes, push.blobs.len()),
+        (Some("multi"), Outcome::Complete, 210, 4)
+    );
+    assert_eq!(push.requests.len(), 15, "every upload and all three manifests");
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_pulls_of_one_repository_are_one_transfer_each() {
+    let t = tracker(TrackerConfig::default());
+    let t0 = Instant::now();
+    let at = |s: f64| t0 + Duration::from_secs_f64(s);
+    t.finished(manifest_get(1, "team/app", at(0.0), "a", "sha256:ma", manifest_body("sha256:ca", &["sha256:a1"])));
+    t.finished(manifest_get(
+        2,
+        "team/app",
+        at(0.0),
+        "b",
+        "sha256:mb",
+        manifest_body("sha256:cb", &["sha256:b1", "sha256:b2"]),
+    ));
+    t.finished(blob_get(3, "team/app", at(0.1), "sha256:cb", 7));
+    t.finished(blob_get(4, "team/app", at(0.1), "sha256:ca", 7));
+    t.finished(blob_get(5, "team/app", at(0.2), "sha256:b1", 100));
+    t.finished(blob_get(6, "team/app", at(0.2), "sha256:a1", 100));
+    let done = t.recent(10);
+    assert_eq!(done.len(), 1, "A has all it names; B still lacks a layer");
+    assert_eq!((done[0].tag.as_deref(), done[0].bytes, done[0].outcome), (Some("a"), 107, Outcome::Complete));
+    t.finished(blob_get(7, "team/app", at(0.3), "sha256:b2", 200));
+    let done = t.recent(10);
+    assert_eq!(done.len(), 2);
+    assert_eq!((done[0].tag.as_deref(), done[0].bytes, done[0].outcome), (Some("b"), 307, Outcome::Complete));
+    assert_eq!(outcomes(&done[0]).len(), 3);
 }

@@ -1,10 +1,16 @@
 //! The transfer tracker: grouping requests into sessions, closing them, and keeping a bounded
 //! ring of finished transfers.
 //!
-//! Requests are grouped per (client address, repository, direction); `session` says when one
-//! is over. A session that says nothing ends after `idle_timeout` with no request in flight, as
-//! `incomplete` (or `failed` if a request was cut off). v1 image requests carry no repository,
-//! so they join the v1 session their client opened last.
+//! A v2 transfer is an image: a push is its manifest `PUT` and the requests of the blobs that
+//! manifest names, a pull its manifest `GET` or `HEAD` and the fetches of the blobs it names.
+//! Requests no manifest has claimed yet wait in a pool per (client address, repository,
+//! direction), which `claims` takes them from; so concurrent pushes and pulls of one repository
+//! from one client stay apart. Platform manifests pushed by digest wait as images of their own
+//! until the index that names them claims them: a multi-platform push is one transfer. `session`
+//! says when each is over. What no manifest claims (and every v1 transfer, which has no
+//! manifest) ends as the pool's own transfer: when `session` says so, or after `idle_timeout`
+//! with no request in flight, as `incomplete` (or `failed` if a request was cut off). v1 image
+//! requests carry no repository, so they join the v1 session their client opened last.
 //!
 //! Memory is bounded whatever clients do: open sessions, requests per session, and finished
 //! transfers are all capped.
@@ -16,16 +22,17 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::claims::{pull_claims, push_claims, take};
 use super::manifests::{manifest_digest, KnownManifests};
 use super::model::{LiveTransfer, Transfer};
 use super::publish::publish;
 use super::results::build_transfer;
-use super::session::{direction_of, is_v1_image_op, update, Key, Session};
+use super::session::{direction_of, expect, is_v1_image_op, request_failed, update, Image, Key, Session};
 use super::HashMap;
 use crate::body::{Exchange, ExchangeRecord, ExchangeSink};
 use crate::metrics::Metrics;
-use crate::protocol::{parse_ancestry, Api, Operation, Outcome, ParsedManifests, TransferDirection};
-use crate::traces::Exporter;
+use crate::protocol::{parse_ancestry, Api, ManifestRefs, Operation, Outcome, ParsedManifests, TransferDirection};
+use crate::traces::{Exporter, TraceId};
 
 /// Limits and timeouts of the tracker.
 #[derive(Debug, Clone, Copy)]
@@ -55,11 +62,15 @@ impl Default for TrackerConfig {
 
 #[derive(Default)]
 pub(super) struct State {
+    /// Pools: requests no manifest has claimed, per (client, repository, direction).
     pub(super) open: HashMap<Key, Session>,
+    /// Images a manifest opened that are not over yet.
+    pub(super) images: Vec<Image>,
+    next_slot: u64,
     /// The v1 repository (and direction) each client is working on.
     v1_current: HashMap<IpAddr, (Arc<str>, TransferDirection)>,
-    /// The session key of each in-flight exchange, decided when it started.
-    in_flight_keys: HashMap<u64, Key>,
+    /// Where each in-flight exchange was counted when it started: its pool, or an image's slot.
+    in_flight_keys: HashMap<u64, (Key, Option<u64>)>,
     finished: VecDeque<Arc<Transfer>>,
     next_id: u64,
     /// Requests held by open sessions, against `max_total_requests`.
@@ -94,6 +105,63 @@ impl State {
         self.held_requests -= session.records.len();
         Some(session)
     }
+
+    /// Closes an image, giving back the requests it held.
+    fn remove_image(&mut self, index: usize) -> (Key, Session) {
+        let image = self.images.swap_remove(index);
+        self.held_requests -= image.session.records.len();
+        (image.key, image.session)
+    }
+
+    fn image_of_slot(&self, slot: u64) -> Option<usize> {
+        self.images.iter().position(|i| i.slot == slot)
+    }
+
+    /// Drops a pool that holds nothing a transfer would show: every request of it was claimed,
+    /// or all it has left are token requests.
+    fn drop_if_hollow(&mut self, key: &Key) {
+        let hollow = self.open.get(key).is_some_and(|pool| pool.in_flight.is_empty() && pool.hollow());
+        if hollow {
+            self.remove(key);
+        }
+    }
+
+    /// The open image a v2 pull request belongs to, if one claims it: a manifest by digest that
+    /// an image names, a tag an image resolved, or a blob an image's manifest names.
+    fn pull_image_for(&self, key: &Key, r: &ExchangeRecord) -> Option<usize> {
+        if r.api != Api::V2 || key.direction != TransferDirection::Pull {
+            return None;
+        }
+        let ours = self.images.iter().enumerate().filter(|(_, i)| i.key == *key);
+        match r.operation {
+            Operation::ManifestGet | Operation::ManifestHead => {
+                let reference = r.reference.as_deref()?;
+                let digest = r.response_info.content_digest.as_deref();
+                ours.filter(|(_, i)| i.answers_to(reference, digest)).map(|(n, _)| n).next()
+            }
+            Operation::BlobGet | Operation::StorageGet | Operation::StorageHead => {
+                let digest = r.digest.as_deref()?;
+                // The first image that still needs it, else one that has it, else a candidate.
+                let (n, want) = ours.map(|(n, i)| (n, i.wants_blob(digest))).rev().max_by_key(|&(_, w)| w)?;
+                (want > 0).then_some(n)
+            }
+            _ => None,
+        }
+    }
+
+    /// The most recently active image of `key`.
+    fn latest_image(&self, key: &Key) -> Option<usize> {
+        let ours = self.images.iter().enumerate().filter(|(_, i)| i.key == *key);
+        ours.max_by_key(|(_, i)| i.session.last_activity).map(|(n, _)| n)
+    }
+}
+
+/// Where a finished request goes.
+enum Target {
+    Pool,
+    Image(usize),
+    /// A manifest that opens an image of its own (a push's `PUT`, a pull's first answer).
+    NewImage,
 }
 
 /// Groups exchanges into transfers. See the module docs.
@@ -132,7 +200,9 @@ impl Tracker {
     pub(crate) fn live(&self) -> Vec<LiveTransfer> {
         let now = Instant::now();
         let state = self.lock();
-        let mut live: Vec<LiveTransfer> = state.open.iter().map(|(key, s)| s.live(key, now)).collect();
+        let pools = state.open.iter().filter(|(_, s)| !s.records.is_empty() || !s.in_flight.is_empty());
+        let mut live: Vec<LiveTransfer> = pools.map(|(key, s)| s.live(key, now)).collect();
+        live.extend(state.images.iter().map(|i| i.session.live(&i.key, now)));
         live.sort_by(|a, b| b.elapsed.total_cmp(&a.elapsed));
         live
     }
@@ -150,31 +220,42 @@ impl Tracker {
     /// Called periodically.
     pub(crate) fn sweep(&self, now: Instant) {
         let (idle, settle) = (self.config.idle_timeout, self.config.pull_settle);
+        // Whether a session is over, and if so whether it settled (rather than went idle).
+        let over_now = |key: &Key, s: &Session| {
+            if !s.in_flight.is_empty() {
+                return None;
+            }
+            let quiet = now.saturating_duration_since(s.last_activity);
+            let settled = s.settles_after(key, settle).is_some_and(|after| quiet >= after);
+            (settled || quiet >= idle).then_some(settled)
+        };
         let over: Vec<(Key, Session, bool)> = {
             let mut state = self.lock();
-            let keys: Vec<(Key, bool)> = state
-                .open
-                .iter()
-                .filter(|(_, s)| s.in_flight.is_empty())
-                .filter_map(|(k, s)| {
-                    let quiet = now.saturating_duration_since(s.last_activity);
-                    let settled = s.settles_after(k, settle).is_some_and(|after| quiet >= after);
-                    (settled || quiet >= idle).then(|| (k.clone(), settled))
-                })
-                .collect();
-            keys.into_iter()
-                .filter_map(|(k, settled)| {
-                    let mut session = state.remove(&k)?;
-                    if settled {
-                        let failed = session.request_failed;
-                        session.outcome.get_or_insert(if failed { Outcome::Failed } else { Outcome::Complete });
+            let mut over = Vec::new();
+            let pools: Vec<Key> = state.open.keys().cloned().collect();
+            for key in pools {
+                if let Some(settled) = state.open.get(&key).and_then(|s| over_now(&key, s)) {
+                    let session = state.remove(&key).expect("looked up above");
+                    if !session.hollow() {
+                        over.push((key, session, settled));
                     }
-                    Some((k, session, !settled))
-                })
-                .collect()
+                }
+            }
+            for n in (0..state.images.len()).rev() {
+                let image = &state.images[n];
+                if let Some(settled) = over_now(&image.key, &image.session) {
+                    let (key, session) = state.remove_image(n);
+                    over.push((key, session, settled));
+                }
+            }
+            over
         };
-        for (key, session, idle_closed) in over {
-            self.finish(key, session, idle_closed);
+        for (key, mut session, settled) in over {
+            if settled {
+                let failed = session.request_failed;
+                session.outcome.get_or_insert(if failed { Outcome::Failed } else { Outcome::Complete });
+            }
+            self.finish(key, session, !settled);
         }
     }
 
@@ -184,7 +265,15 @@ impl Tracker {
         let open: Vec<(Key, Session)> = {
             let mut state = self.lock();
             let keys: Vec<Key> = state.open.keys().cloned().collect();
-            keys.into_iter().filter_map(|k| state.remove(&k).map(|s| (k, s))).collect()
+            for key in &keys {
+                state.drop_if_hollow(key);
+            }
+            let mut open: Vec<(Key, Session)> =
+                keys.into_iter().filter_map(|k| state.remove(&k).map(|s| (k, s))).collect();
+            while !state.images.is_empty() {
+                open.push(state.remove_image(0));
+            }
+            open
         };
         for (key, mut session) in open {
             session.outcome = Some(Outcome::Incomplete);
@@ -215,7 +304,16 @@ impl Tracker {
             let repository = repository?;
             let keys =
                 TransferDirection::ALL.map(|direction| Key { client, repository: repository.clone(), direction });
-            return keys.into_iter().filter(|k| state.open.contains_key(k)).max_by_key(|k| state.open[k].last_activity);
+            let activity = |k: &Key| {
+                let pool = state.open.get(k).map(|s| s.last_activity);
+                let images = state.images.iter().filter(|i| i.key == *k).map(|i| i.session.last_activity);
+                pool.into_iter().chain(images).max()
+            };
+            return keys
+                .into_iter()
+                .filter_map(|k| activity(&k).map(|at| (k, at)))
+                .max_by_key(|&(_, at)| at)
+                .map(|(k, _)| k);
         }
         if is_v1_image_op(op) {
             let (repo, current) = state.v1_current.get(&client)?;
@@ -290,21 +388,122 @@ impl Tracker {
     }
 }
 
+impl Tracker {
+    /// Where a finished request that no image counted on the wire goes.
+    fn target(state: &State, key: &Key, r: &ExchangeRecord, parsed: bool) -> Target {
+        use Operation::*;
+        if r.api != Api::V2 {
+            return Target::Pool;
+        }
+        let ok = r.status.is_some_and(|c| (200..300).contains(&c)) && r.aborted_by().is_none();
+        match (key.direction, r.operation) {
+            (TransferDirection::Push, ManifestPut) if parsed => Target::NewImage,
+            (TransferDirection::Pull, ManifestGet | ManifestHead) => match state.pull_image_for(key, r) {
+                Some(n) => Target::Image(n),
+                None if ok => Target::NewImage,
+                None => Target::Pool,
+            },
+            (TransferDirection::Pull, BlobGet | StorageGet | StorageHead) => {
+                state.pull_image_for(key, r).map_or(Target::Pool, Target::Image)
+            }
+            (_, AuthToken) if !state.open.contains_key(key) => {
+                state.latest_image(key).map_or(Target::Pool, Target::Image)
+            }
+            _ => Target::Pool,
+        }
+    }
+
+    /// Opens the image the manifest request `r` names, claiming its requests from the pool (and,
+    /// for a pushed index, the platform manifests pushed before it). Returns its index, and an
+    /// image evicted to make room (to be finished outside the lock).
+    fn open_image(
+        &self,
+        state: &mut State,
+        key: &Key,
+        r: &ExchangeRecord,
+        parsed: Option<&Arc<ManifestRefs>>,
+        now: Instant,
+    ) -> (usize, Option<(Key, Session)>) {
+        let digest = manifest_digest(r);
+        let refs = parsed.cloned().or_else(|| digest.and_then(|d| state.known.get(d)).cloned());
+        let mut session = Session::new(r.api, now);
+        let mut manifests: Vec<Box<str>> = digest.map(Box::from).into_iter().collect();
+        if let Some(refs) = &refs {
+            manifests.extend(refs.manifests.iter().map(|m| Box::from(m.as_str())));
+        }
+        if let Some(pool) = state.open.get_mut(key) {
+            // The requests before the manifest were sent on the pool's trace: its first image
+            // takes it over.
+            session.trace_id = std::mem::replace(&mut pool.trace_id, TraceId::random());
+            let wants = |d: &str| refs.as_ref().is_some_and(|refs| refs.blobs.iter().any(|b| b.digest == d));
+            let claims = match key.direction {
+                TransferDirection::Push => push_claims(&pool.records, wants),
+                TransferDirection::Pull => pull_claims(&pool.records, wants),
+            };
+            session.records = take(&mut pool.records, &claims);
+            pool.request_failed = pool.records.iter().any(request_failed);
+            pool.base = pool.records.iter().map(|r| r.received).min().unwrap_or(pool.base);
+        }
+        session.request_failed = session.records.iter().any(request_failed);
+        if let (TransferDirection::Push, Some(refs)) = (key.direction, &refs) {
+            for n in (0..state.images.len()).rev() {
+                let child = &state.images[n];
+                let named = child.manifests.first().is_some_and(|m| refs.manifests.iter().any(|c| **c == **m));
+                if child.key == *key && named {
+                    // Its requests move with it: the count held stays the same.
+                    let child = state.images.swap_remove(n);
+                    expect(&mut session, &child.session.expected);
+                    session.records.extend(child.session.records);
+                    session.dropped += child.session.dropped;
+                    session.request_failed |= child.session.request_failed;
+                    session.in_flight.extend(child.session.in_flight);
+                    manifests.extend(child.manifests);
+                }
+            }
+        }
+        session.base = session.records.iter().map(|r| r.received).fold(r.received, Instant::min);
+        let mut evicted = None;
+        if state.images.len() >= self.config.max_open {
+            let idle = state.images.iter().enumerate().filter(|(_, i)| i.session.in_flight.is_empty());
+            if let Some(oldest) = idle.min_by_key(|(_, i)| i.session.last_activity).map(|(n, _)| n) {
+                evicted = Some(state.remove_image(oldest));
+            }
+        }
+        state.held_requests += session.records.len();
+        state.next_slot += 1;
+        state.images.push(Image { key: key.clone(), session, manifests, slot: state.next_slot });
+        (state.images.len() - 1, evicted)
+    }
+}
+
 impl ExchangeSink for Tracker {
     fn started(&self, exchange: &Arc<Exchange>) {
         let r = exchange.info();
         let now = Instant::now();
         let evicted = {
-            let mut state = self.lock();
-            let Some(key) = Self::key_for(&mut state, r) else { return };
-            let evicted = self.open_session(&mut state, &key, r.api, now);
-            let session = state.open.get_mut(&key).expect("open_session leaves it open");
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let Some(key) = Self::key_for(state, r) else { return };
+            let image = match r.operation {
+                Operation::AuthToken if !state.open.contains_key(&key) => state.latest_image(&key),
+                _ => state.pull_image_for(&key, r),
+            };
+            let (session, slot, evicted) = match image {
+                Some(n) => {
+                    let image = &mut state.images[n];
+                    (&mut image.session, Some(image.slot), None)
+                }
+                None => {
+                    let evicted = self.open_session(state, &key, r.api, now);
+                    (state.open.get_mut(&key).expect("open_session leaves it open"), None, evicted)
+                }
+            };
             session.in_flight.insert(r.id, Arc::downgrade(exchange));
             if r.trace.is_some() {
                 exchange.set_transfer_trace(session.trace_id);
             }
             session.last_activity = now;
-            state.in_flight_keys.insert(r.id, key);
+            state.in_flight_keys.insert(r.id, (key, slot));
             evicted
         };
         if let Some((key, session)) = evicted {
@@ -325,29 +524,60 @@ impl ExchangeSink for Tracker {
             _ => None,
         };
         let now = Instant::now();
-        let evicted;
-        let done = {
+        // Sessions over (evicted ones marked idle-closed), finished outside the lock.
+        let mut over: Vec<(Key, Session, bool)> = Vec::new();
+        {
             let mut guard = self.lock();
             // Through a plain reference, so the session and the counters are borrowed apart.
             let state = &mut *guard;
-            let key = match state.in_flight_keys.remove(&record.id) {
-                Some(key) => key,
+            let (key, slot) = match state.in_flight_keys.remove(&record.id) {
+                Some(found) => found,
                 None => match Self::key_for(state, &record) {
-                    Some(key) => key,
+                    Some(key) => (key, None),
                     None => {
                         state.hold_token_request(record);
                         return;
                     }
                 },
             };
-            evicted = self.open_session(state, &key, record.api, now);
+            // It is no longer on the wire, wherever it was counted.
+            let counted_in = slot.and_then(|slot| state.image_of_slot(slot));
+            match counted_in {
+                Some(n) => {
+                    state.images[n].session.in_flight.remove(&record.id);
+                }
+                None => {
+                    if let Some(pool) = state.open.get_mut(&key) {
+                        pool.in_flight.remove(&record.id);
+                    }
+                }
+            }
             if let (Some(refs), Some(200..=299)) = (&parsed_manifest, record.status) {
                 if let Some(digest) = manifest_digest(&record) {
                     state.known.remember(digest, refs.clone());
                 }
             }
-            let session = state.open.get_mut(&key).expect("open_session leaves it open");
-            session.in_flight.remove(&record.id);
+            let target = match counted_in {
+                Some(n) => Target::Image(n),
+                None => Self::target(state, &key, &record, parsed_manifest.is_some()),
+            };
+            let image = match target {
+                Target::Pool => {
+                    let evicted = self.open_session(state, &key, record.api, now);
+                    over.extend(evicted.map(|(key, session)| (key, session, true)));
+                    None
+                }
+                Target::Image(n) => Some(n),
+                Target::NewImage => {
+                    let (n, evicted) = self.open_image(state, &key, &record, parsed_manifest.as_ref(), now);
+                    over.extend(evicted.map(|(key, session)| (key, session, true)));
+                    Some(n)
+                }
+            };
+            let session = match image {
+                Some(n) => &mut state.images[n].session,
+                None => state.open.get_mut(&key).expect("open_session leaves it open"),
+            };
             session.last_activity = now;
             session.base = session.base.min(record.received);
             update(session, &record, parsed_manifest, ancestry, &state.known);
@@ -359,16 +589,22 @@ impl ExchangeSink for Tracker {
             } else {
                 session.dropped += 1;
             }
-            match session.outcome {
-                Some(_) if session.in_flight.is_empty() => state.remove(&key).map(|s| (key, s)),
-                _ => None,
+            if session.outcome.is_some() && session.in_flight.is_empty() {
+                match image {
+                    Some(n) => {
+                        let (key, session) = state.remove_image(n);
+                        over.push((key, session, false));
+                    }
+                    None => over.extend(state.remove(&key).map(|session| (key.clone(), session, false))),
+                }
             }
-        };
-        if let Some((key, session)) = evicted {
-            self.finish(key, session, true);
+            // A pool whose requests a manifest claimed closes quietly.
+            if image.is_some() {
+                state.drop_if_hollow(&key);
+            }
         }
-        if let Some((key, session)) = done {
-            self.finish(key, session, false);
+        for (key, session, idle_closed) in over {
+            self.finish(key, session, idle_closed);
         }
     }
 }
