@@ -64,7 +64,12 @@ pub(crate) fn rows(t: &Transfer) -> Vec<Row> {
         }
         if blob.outcome == BlobOutcome::Present {
             let size = blob.declared_size.map(|n| format!(" ({})", bytes(n))).unwrap_or_default();
-            let row = Row { operation: format!("present {name}{size}"), seconds: 0.0, split: None };
+            // A push's registry had it (or a concurrent push moved it); a pull's client had it.
+            let verb = match t.direction {
+                TransferDirection::Push => "in registry",
+                TransferDirection::Pull => "present",
+            };
+            let row = Row { operation: format!("{verb} {name}{size}"), seconds: 0.0, split: None };
             out.push((blob.start, 0, row));
             continue;
         }
@@ -139,12 +144,17 @@ pub(crate) fn idle_intervals(t: &Transfer) -> Vec<(f64, f64)> {
     idle
 }
 
-/// "fetched 1 of 3 layers (2 already present)", for a pull that found layers on its client.
+/// "fetched 1 of 3 layers (2 already present)", for a pull that found layers on its client; "pushed
+/// 1 of 3 layers (2 already in the registry)" for a push.
 fn layers_fetched(t: &Transfer) -> Option<String> {
     let layers = || t.blobs.iter().filter(|b| b.kind == Some(BlobKind::Layer));
     let present = layers().filter(|b| b.outcome == BlobOutcome::Present).count();
-    let fetched = layers().filter(|b| b.outcome == BlobOutcome::Fetched).count();
-    (present > 0).then(|| format!("fetched {fetched} of {} layers ({present} already present)", layers().count()))
+    let (verb, moved, had) = match t.direction {
+        TransferDirection::Pull => ("fetched", BlobOutcome::Fetched, "already present"),
+        TransferDirection::Push => ("pushed", BlobOutcome::Committed, "already in the registry"),
+    };
+    let moved = layers().filter(|b| b.outcome == moved).count();
+    (present > 0).then(|| format!("{verb} {moved} of {} layers ({present} {had})", layers().count()))
 }
 
 /// The one-line verdict: where this transfer's time went.

@@ -7,6 +7,7 @@
 //! naming their blob, since they were part of whichever image came next. An upload still going
 //! and the blobs of other images stay in the pool for their own manifest.
 
+use super::HashMap;
 use crate::body::ExchangeRecord;
 use crate::protocol::Operation;
 
@@ -20,30 +21,48 @@ fn failed(r: &ExchangeRecord) -> bool {
     r.aborted_by().is_some() || r.status.is_none_or(|status| status >= 400)
 }
 
+/// What a pool's requests say of one upload.
+#[derive(Default)]
+struct Upload<'a> {
+    /// The digest its commit (or monolithic start, or mount) names.
+    named: Option<&'a str>,
+    committed: bool,
+    /// Cancelled, or a request of it failed: it cannot go on.
+    dead: bool,
+}
+
 /// Push: for each of `records`, whether the manifest naming the blobs `wants` accepts claims it.
+/// Of several uploads that committed one digest, it claims the first: the others were another
+/// image's (two clients pushing the same layer), left for that image's manifest.
 pub(crate) fn push_claims(records: &[ExchangeRecord], wants: impl Fn(&str) -> bool) -> Vec<bool> {
-    // Each upload's digest (from its commit or monolithic start) and whether it can still go on.
-    let named = |upload: &str| {
-        records.iter().filter(|r| upload_of(r) == Some(upload)).find_map(|r| match r.operation {
-            Operation::UploadFinish | Operation::UploadStartMonolithic | Operation::BlobMount => r.digest.as_deref(),
-            _ => None,
-        })
-    };
-    let dead = |upload: &str| {
-        records
-            .iter()
-            .filter(|r| upload_of(r) == Some(upload))
-            .any(|r| r.operation == Operation::UploadCancel || failed(r))
-    };
+    let mut uploads: HashMap<&str, Upload<'_>> = HashMap::default();
+    // The first upload that committed each digest, in the order requests finished.
+    let mut first_commit: HashMap<&str, &str> = HashMap::default();
+    for r in records {
+        let Some(id) = upload_of(r) else { continue };
+        let upload = uploads.entry(id).or_default();
+        upload.dead |= r.operation == Operation::UploadCancel || failed(r);
+        if matches!(r.operation, Operation::UploadFinish | Operation::UploadStartMonolithic | Operation::BlobMount) {
+            if let Some(digest) = r.digest.as_deref() {
+                upload.named = Some(digest);
+                if !failed(r) {
+                    upload.committed = true;
+                    first_commit.entry(digest).or_insert(id);
+                }
+            }
+        }
+    }
     records
         .iter()
-        .map(|r| match (r.digest.as_deref(), upload_of(r)) {
-            (Some(digest), _) => wants(digest),
-            (None, Some(upload)) => match named(upload) {
-                Some(digest) => wants(digest),
-                None => dead(upload),
+        .map(|r| match upload_of(r) {
+            Some(id) => match &uploads[id] {
+                Upload { named: Some(digest), committed, .. } => {
+                    wants(digest) && (!committed || first_commit.get(digest) == Some(&id))
+                }
+                Upload { dead, .. } => *dead,
             },
-            (None, None) => true,
+            // A `HEAD`, a mount the registry did at once, or what belongs to no blob.
+            None => r.digest.as_deref().is_none_or(&wants),
         })
         .collect()
 }
@@ -115,11 +134,17 @@ mod tests {
             op(13, UploadStart, None, None, 401),
             op(14, UploadStart, None, Some("u-e"), 202),
             op(15, UploadCancel, None, Some("u-e"), 204),
+            // A second upload of a wanted digest: another client's, for another image.
+            op(16, UploadStart, None, Some("u-a2"), 202),
+            op(17, UploadFinish, Some("sha256:a"), Some("u-a2"), 201),
+            // A commit the registry refused, then its retry: both this image's.
+            op(18, UploadStart, None, Some("u-m1"), 202),
+            op(19, UploadFinish, Some("sha256:m"), Some("u-m1"), 400),
         ];
         let wants = |d: &str| ["sha256:a", "sha256:m"].contains(&d);
         let claims = push_claims(&records, wants);
         let claimed: Vec<u64> = records.iter().zip(&claims).filter(|(_, &c)| c).map(|(r, _)| r.id).collect();
-        assert_eq!(claimed, [1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15]);
+        assert_eq!(claimed, [1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 18, 19]);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod model;
 mod phases;
 mod publish;
 mod results;
+mod routing;
 mod session;
 mod split;
 #[cfg(test)]

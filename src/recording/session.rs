@@ -38,7 +38,19 @@ pub(crate) struct Image {
     pub(crate) slot: u64,
 }
 
+/// Manifests an image answers to: an index and its platforms, far more than any index lists.
+const MAX_IMAGE_MANIFESTS: usize = 128;
+
 impl Image {
+    /// The platform manifests an index of this image names belong to it too.
+    pub(crate) fn adopt_manifests(&mut self, children: &[String]) {
+        for child in children {
+            if self.manifests.len() < MAX_IMAGE_MANIFESTS && !self.manifests.iter().any(|m| **m == **child) {
+                self.manifests.push(child.as_str().into());
+            }
+        }
+    }
+
     /// Whether a request for the manifest `reference` (a tag or a digest), answered with
     /// `digest` if the registry said one, belongs to this image.
     pub(crate) fn answers_to(&self, reference: &str, digest: Option<&str>) -> bool {

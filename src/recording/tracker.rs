@@ -15,24 +15,21 @@
 //! Memory is bounded whatever clients do: open sessions, requests per session, and finished
 //! transfers are all capped.
 
-use std::collections::VecDeque;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::claims::{pull_claims, push_claims, take};
-use super::manifests::{manifest_digest, KnownManifests};
+use super::manifests::manifest_digest;
 use super::model::{LiveTransfer, Transfer};
 use super::publish::publish;
 use super::results::build_transfer;
-use super::session::{direction_of, expect, is_v1_image_op, request_failed, update, Image, Key, Session};
-use super::HashMap;
+use super::routing::{State, Target};
+use super::session::{update, Key, Session};
 use crate::body::{Exchange, ExchangeRecord, ExchangeSink};
 use crate::metrics::Metrics;
-use crate::protocol::{parse_ancestry, Api, ManifestRefs, Operation, Outcome, ParsedManifests, TransferDirection};
-use crate::traces::{Exporter, TraceId};
+use crate::protocol::{parse_ancestry, Operation, Outcome, ParsedManifests};
+use crate::traces::Exporter;
 
 /// Limits and timeouts of the tracker.
 #[derive(Debug, Clone, Copy)]
@@ -58,110 +55,6 @@ impl Default for TrackerConfig {
             pull_settle: Duration::from_secs(1),
         }
     }
-}
-
-#[derive(Default)]
-pub(super) struct State {
-    /// Pools: requests no manifest has claimed, per (client, repository, direction).
-    pub(super) open: HashMap<Key, Session>,
-    /// Images a manifest opened that are not over yet.
-    pub(super) images: Vec<Image>,
-    next_slot: u64,
-    /// The v1 repository (and direction) each client is working on.
-    v1_current: HashMap<IpAddr, (Arc<str>, TransferDirection)>,
-    /// Where each in-flight exchange was counted when it started: its pool, or an image's slot.
-    in_flight_keys: HashMap<u64, (Key, Option<u64>)>,
-    finished: VecDeque<Arc<Transfer>>,
-    next_id: u64,
-    /// Requests held by open sessions, against `max_total_requests`.
-    pub(super) held_requests: usize,
-    /// Requests held by finished transfers, against `max_total_requests` too.
-    pub(super) finished_requests: usize,
-    /// Manifests seen pushed or fetched, for pulls that only ask `HEAD`.
-    known: KnownManifests,
-    /// Token requests of a client for a repository it has no transfer of yet, waiting for one.
-    held_tokens: HashMap<(IpAddr, Arc<str>), Vec<ExchangeRecord>>,
-}
-
-impl State {
-    /// Keeps a token request that no open transfer claims, for the transfer its client starts
-    /// next on that repository; bounded like everything else.
-    fn hold_token_request(&mut self, record: ExchangeRecord) {
-        const CLIENTS: usize = 1024;
-        const PER_CLIENT: usize = 8;
-        let (Operation::AuthToken, Some(repository)) = (record.operation, record.repository.clone()) else { return };
-        if self.held_tokens.len() >= CLIENTS {
-            self.held_tokens.clear();
-        }
-        let held = self.held_tokens.entry((record.client.ip(), repository)).or_default();
-        if held.len() < PER_CLIENT {
-            held.push(record);
-        }
-    }
-
-    /// Closes a session, giving back the requests it held.
-    fn remove(&mut self, key: &Key) -> Option<Session> {
-        let session = self.open.remove(key)?;
-        self.held_requests -= session.records.len();
-        Some(session)
-    }
-
-    /// Closes an image, giving back the requests it held.
-    fn remove_image(&mut self, index: usize) -> (Key, Session) {
-        let image = self.images.swap_remove(index);
-        self.held_requests -= image.session.records.len();
-        (image.key, image.session)
-    }
-
-    fn image_of_slot(&self, slot: u64) -> Option<usize> {
-        self.images.iter().position(|i| i.slot == slot)
-    }
-
-    /// Drops a pool that holds nothing a transfer would show: every request of it was claimed,
-    /// or all it has left are token requests.
-    fn drop_if_hollow(&mut self, key: &Key) {
-        let hollow = self.open.get(key).is_some_and(|pool| pool.in_flight.is_empty() && pool.hollow());
-        if hollow {
-            self.remove(key);
-        }
-    }
-
-    /// The open image a v2 pull request belongs to, if one claims it: a manifest by digest that
-    /// an image names, a tag an image resolved, or a blob an image's manifest names.
-    fn pull_image_for(&self, key: &Key, r: &ExchangeRecord) -> Option<usize> {
-        if r.api != Api::V2 || key.direction != TransferDirection::Pull {
-            return None;
-        }
-        let ours = self.images.iter().enumerate().filter(|(_, i)| i.key == *key);
-        match r.operation {
-            Operation::ManifestGet | Operation::ManifestHead => {
-                let reference = r.reference.as_deref()?;
-                let digest = r.response_info.content_digest.as_deref();
-                ours.filter(|(_, i)| i.answers_to(reference, digest)).map(|(n, _)| n).next()
-            }
-            Operation::BlobGet | Operation::StorageGet | Operation::StorageHead => {
-                let digest = r.digest.as_deref()?;
-                // The first image that still needs it, else one that has it, else a candidate.
-                let (n, want) = ours.map(|(n, i)| (n, i.wants_blob(digest))).rev().max_by_key(|&(_, w)| w)?;
-                (want > 0).then_some(n)
-            }
-            _ => None,
-        }
-    }
-
-    /// The most recently active image of `key`.
-    fn latest_image(&self, key: &Key) -> Option<usize> {
-        let ours = self.images.iter().enumerate().filter(|(_, i)| i.key == *key);
-        ours.max_by_key(|(_, i)| i.session.last_activity).map(|(n, _)| n)
-    }
-}
-
-/// Where a finished request goes.
-enum Target {
-    Pool,
-    Image(usize),
-    /// A manifest that opens an image of its own (a push's `PUT`, a pull's first answer).
-    NewImage,
 }
 
 /// Groups exchanges into transfers. See the module docs.
@@ -281,83 +174,6 @@ impl Tracker {
         }
     }
 
-    /// Decides which session a request belongs to (and, for v1, which repository).
-    fn key_for(state: &mut State, r: &ExchangeRecord) -> Option<Key> {
-        let client = r.client.ip();
-        let op = r.operation;
-        // v1 names `library/x` and `x` the same repository (the seed's pull uses both).
-        let repository = r.repository.as_ref().map(|name| match name.strip_prefix("library/") {
-            Some(short) if r.api == Api::V1 => Arc::from(short),
-            _ => name.clone(),
-        });
-        if matches!(op, Operation::V1RepositoryPut | Operation::V1RepositoryImagesGet) {
-            let direction = direction_of(op)?;
-            let repo = repository.clone()?;
-            if state.v1_current.len() >= 4096 {
-                state.v1_current.clear();
-            }
-            state.v1_current.insert(client, (repo, direction));
-        }
-        // A token request belongs to whichever transfer of its repository its client has open
-        // (the request the registry challenged opened it); the most recently active one.
-        if op == Operation::AuthToken {
-            let repository = repository?;
-            let keys =
-                TransferDirection::ALL.map(|direction| Key { client, repository: repository.clone(), direction });
-            let activity = |k: &Key| {
-                let pool = state.open.get(k).map(|s| s.last_activity);
-                let images = state.images.iter().filter(|i| i.key == *k).map(|i| i.session.last_activity);
-                pool.into_iter().chain(images).max()
-            };
-            return keys
-                .into_iter()
-                .filter_map(|k| activity(&k).map(|at| (k, at)))
-                .max_by_key(|&(_, at)| at)
-                .map(|(k, _)| k);
-        }
-        if is_v1_image_op(op) {
-            let (repo, current) = state.v1_current.get(&client)?;
-            // An image json GET is an existence check in a push, a fetch in a pull.
-            let direction = if op == Operation::V1ImageJsonGet { *current } else { direction_of(op)? };
-            return Some(Key { client, repository: repo.clone(), direction });
-        }
-        let direction = direction_of(op)?;
-        Some(Key { client, repository: repository?, direction })
-    }
-
-    /// Makes sure `key` has an open session, closing the longest-idle one if the table is full
-    /// (returned, to be finished outside the lock).
-    fn open_session(&self, state: &mut State, key: &Key, api: Api, now: Instant) -> Option<(Key, Session)> {
-        if state.open.contains_key(key) {
-            return None;
-        }
-        let mut evicted = None;
-        if state.open.len() >= self.config.max_open {
-            if let Some(oldest) = state
-                .open
-                .iter()
-                .filter(|(_, s)| s.in_flight.is_empty())
-                .min_by_key(|(_, s)| s.last_activity)
-                .map(|(k, _)| k.clone())
-            {
-                evicted = state.remove(&oldest).map(|s| (oldest, s));
-            }
-        }
-        let mut session = Session::new(api, now);
-        // Token requests made before the transfer's first request (clients fetch the token for a
-        // repository's scope ahead of using it) are its first requests.
-        if let Some(held) = state.held_tokens.remove(&(key.client, key.repository.clone())) {
-            for record in held.into_iter().filter(|r| now.saturating_duration_since(r.ended) < self.config.idle_timeout)
-            {
-                session.base = session.base.min(record.received);
-                session.records.push(record);
-                state.held_requests += 1;
-            }
-        }
-        state.open.insert(key.clone(), session);
-        evicted
-    }
-
     /// Turns a closed session into a finished transfer: metrics, log, ring.
     fn finish(&self, key: Key, session: Session, idle_closed: bool) {
         let trace_id = session.trace_id;
@@ -388,94 +204,6 @@ impl Tracker {
     }
 }
 
-impl Tracker {
-    /// Where a finished request that no image counted on the wire goes.
-    fn target(state: &State, key: &Key, r: &ExchangeRecord, parsed: bool) -> Target {
-        use Operation::*;
-        if r.api != Api::V2 {
-            return Target::Pool;
-        }
-        let ok = r.status.is_some_and(|c| (200..300).contains(&c)) && r.aborted_by().is_none();
-        match (key.direction, r.operation) {
-            (TransferDirection::Push, ManifestPut) if parsed => Target::NewImage,
-            (TransferDirection::Pull, ManifestGet | ManifestHead) => match state.pull_image_for(key, r) {
-                Some(n) => Target::Image(n),
-                None if ok => Target::NewImage,
-                None => Target::Pool,
-            },
-            (TransferDirection::Pull, BlobGet | StorageGet | StorageHead) => {
-                state.pull_image_for(key, r).map_or(Target::Pool, Target::Image)
-            }
-            (_, AuthToken) if !state.open.contains_key(key) => {
-                state.latest_image(key).map_or(Target::Pool, Target::Image)
-            }
-            _ => Target::Pool,
-        }
-    }
-
-    /// Opens the image the manifest request `r` names, claiming its requests from the pool (and,
-    /// for a pushed index, the platform manifests pushed before it). Returns its index, and an
-    /// image evicted to make room (to be finished outside the lock).
-    fn open_image(
-        &self,
-        state: &mut State,
-        key: &Key,
-        r: &ExchangeRecord,
-        parsed: Option<&Arc<ManifestRefs>>,
-        now: Instant,
-    ) -> (usize, Option<(Key, Session)>) {
-        let digest = manifest_digest(r);
-        let refs = parsed.cloned().or_else(|| digest.and_then(|d| state.known.get(d)).cloned());
-        let mut session = Session::new(r.api, now);
-        let mut manifests: Vec<Box<str>> = digest.map(Box::from).into_iter().collect();
-        if let Some(refs) = &refs {
-            manifests.extend(refs.manifests.iter().map(|m| Box::from(m.as_str())));
-        }
-        if let Some(pool) = state.open.get_mut(key) {
-            // The requests before the manifest were sent on the pool's trace: its first image
-            // takes it over.
-            session.trace_id = std::mem::replace(&mut pool.trace_id, TraceId::random());
-            let wants = |d: &str| refs.as_ref().is_some_and(|refs| refs.blobs.iter().any(|b| b.digest == d));
-            let claims = match key.direction {
-                TransferDirection::Push => push_claims(&pool.records, wants),
-                TransferDirection::Pull => pull_claims(&pool.records, wants),
-            };
-            session.records = take(&mut pool.records, &claims);
-            pool.request_failed = pool.records.iter().any(request_failed);
-            pool.base = pool.records.iter().map(|r| r.received).min().unwrap_or(pool.base);
-        }
-        session.request_failed = session.records.iter().any(request_failed);
-        if let (TransferDirection::Push, Some(refs)) = (key.direction, &refs) {
-            for n in (0..state.images.len()).rev() {
-                let child = &state.images[n];
-                let named = child.manifests.first().is_some_and(|m| refs.manifests.iter().any(|c| **c == **m));
-                if child.key == *key && named {
-                    // Its requests move with it: the count held stays the same.
-                    let child = state.images.swap_remove(n);
-                    expect(&mut session, &child.session.expected);
-                    session.records.extend(child.session.records);
-                    session.dropped += child.session.dropped;
-                    session.request_failed |= child.session.request_failed;
-                    session.in_flight.extend(child.session.in_flight);
-                    manifests.extend(child.manifests);
-                }
-            }
-        }
-        session.base = session.records.iter().map(|r| r.received).fold(r.received, Instant::min);
-        let mut evicted = None;
-        if state.images.len() >= self.config.max_open {
-            let idle = state.images.iter().enumerate().filter(|(_, i)| i.session.in_flight.is_empty());
-            if let Some(oldest) = idle.min_by_key(|(_, i)| i.session.last_activity).map(|(n, _)| n) {
-                evicted = Some(state.remove_image(oldest));
-            }
-        }
-        state.held_requests += session.records.len();
-        state.next_slot += 1;
-        state.images.push(Image { key: key.clone(), session, manifests, slot: state.next_slot });
-        (state.images.len() - 1, evicted)
-    }
-}
-
 impl ExchangeSink for Tracker {
     fn started(&self, exchange: &Arc<Exchange>) {
         let r = exchange.info();
@@ -483,7 +211,7 @@ impl ExchangeSink for Tracker {
         let evicted = {
             let mut guard = self.lock();
             let state = &mut *guard;
-            let Some(key) = Self::key_for(state, r) else { return };
+            let Some(key) = state.key_for(r) else { return };
             let image = match r.operation {
                 Operation::AuthToken if !state.open.contains_key(&key) => state.latest_image(&key),
                 _ => state.pull_image_for(&key, r),
@@ -494,7 +222,7 @@ impl ExchangeSink for Tracker {
                     (&mut image.session, Some(image.slot), None)
                 }
                 None => {
-                    let evicted = self.open_session(state, &key, r.api, now);
+                    let evicted = state.open_session(&self.config, &key, r.api, now);
                     (state.open.get_mut(&key).expect("open_session leaves it open"), None, evicted)
                 }
             };
@@ -532,7 +260,7 @@ impl ExchangeSink for Tracker {
             let state = &mut *guard;
             let (key, slot) = match state.in_flight_keys.remove(&record.id) {
                 Some(found) => found,
-                None => match Self::key_for(state, &record) {
+                None => match state.key_for(&record) {
                     Some(key) => (key, None),
                     None => {
                         state.hold_token_request(record);
@@ -559,21 +287,25 @@ impl ExchangeSink for Tracker {
             }
             let target = match counted_in {
                 Some(n) => Target::Image(n),
-                None => Self::target(state, &key, &record, parsed_manifest.is_some()),
+                None => state.target(&key, &record, parsed_manifest.is_some()),
             };
             let image = match target {
                 Target::Pool => {
-                    let evicted = self.open_session(state, &key, record.api, now);
+                    let evicted = state.open_session(&self.config, &key, record.api, now);
                     over.extend(evicted.map(|(key, session)| (key, session, true)));
                     None
                 }
                 Target::Image(n) => Some(n),
                 Target::NewImage => {
-                    let (n, evicted) = self.open_image(state, &key, &record, parsed_manifest.as_ref(), now);
+                    let (n, evicted) = state.open_image(&self.config, &key, &record, parsed_manifest.as_ref(), now);
                     over.extend(evicted.map(|(key, session)| (key, session, true)));
                     Some(n)
                 }
             };
+            if let (Some(n), Some(refs)) = (image, &parsed_manifest) {
+                // An index fetched by digest after a `HEAD` by tag: its platform manifests are this image's.
+                state.images[n].adopt_manifests(&refs.manifests);
+            }
             let session = match image {
                 Some(n) => &mut state.images[n].session,
                 None => state.open.get_mut(&key).expect("open_session leaves it open"),

@@ -144,14 +144,21 @@ pub fn short(id: &str) -> &str {
 
 pub const SCHEMA2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-/// The image manifest `repository:reference` as the registry at `registry` serves it (schema2).
+/// What `registry_manifest` accepts: schema2 first, and the OCI types and lists (so a
+/// multi-platform tag gives its index).
+const MANIFEST_TYPES: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The manifest `repository:reference` as the registry at `registry` serves it (schema2 for an
+/// image docker pushed, an index for a multi-platform tag).
 pub fn registry_manifest(registry: SocketAddr, repository: &str, reference: &str) -> serde_json::Value {
     let mut conn = Conn::connect(registry);
     let response = conn
         .request(
             "GET",
             &format!("/v2/{repository}/manifests/{reference}"),
-            &[("Host", &registry.to_string()), ("Accept", SCHEMA2)],
+            &[("Host", &registry.to_string()), ("Accept", MANIFEST_TYPES)],
             b"",
         )
         .unwrap_or_else(|e| panic!("GET manifest {repository}:{reference} from {registry}: {e}"));
