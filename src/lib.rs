@@ -32,8 +32,13 @@ pub use presentation::{report, ui, waterfall};
 pub use protocol::{
     classify, is_repository_name, percent_decode, Api, BlobKind, BodyEnd, Direction, Operation, Route, Side,
 };
-pub use protocol::{Outcome, Party, Phase, Redirected, SpanDrop, TransferDirection, UpstreamErrorKind};
-pub use recording::{Blob, BlobOutcome, BodyView, LiveTransfer, RequestView, Split, Transfer, UploadPhases};
+pub use protocol::{
+    Culprit, FailureCause, Outcome, Party, Phase, Redirected, SpanDrop, TransferDirection, UpstreamErrorKind,
+};
+pub use recording::{
+    Attempt, AttemptOutcome, Blob, BlobOutcome, BodyView, LiveTransfer, Lost, RequestView, Split, Transfer,
+    UploadPhases,
+};
 pub use traces::{parse_traceparent, traceparent, ClientContext, RequestTrace, SpanId, TraceId};
 pub use wire::error::SetupError;
 pub use wire::headers;

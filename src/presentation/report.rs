@@ -298,6 +298,8 @@ mod tests {
             trace_id: None,
             wall_seconds: 10.0,
             parties: Split { client: 8.2, registry: 1.1, moving: 0.7, ..Split::default() },
+            lost: Default::default(),
+            wasted_bytes: 0,
             bytes: 37_124_367,
             blobs: vec![Blob {
                 digest: Some("sha256:0123456789abcdef".into()),
@@ -312,6 +314,7 @@ mod tests {
                 metadata_seconds: 0.0,
                 split: phases.transfer_split,
                 requests: vec![],
+                attempts: Vec::new(),
             }],
             requests: vec![],
             requests_dropped: 0,

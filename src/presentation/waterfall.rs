@@ -259,6 +259,7 @@ mod tests {
             }),
             download: None,
             aborted_by: None,
+            upstream_error: None,
             trace: None,
         }
     }

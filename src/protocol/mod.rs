@@ -10,6 +10,6 @@ pub(crate) use manifest::{parse_ancestry, BlobRef, ManifestRefs, ParsedManifests
 pub(crate) use route::query_param;
 pub use route::{classify, is_repository_name, percent_decode, Route};
 pub use vocabulary::{
-    Api, BodyEnd, Direction, Operation, Outcome, Party, Phase, Redirected, Side, SpanDrop, TransferDirection,
-    UpstreamErrorKind,
+    Api, BodyEnd, Culprit, Direction, FailureCause, Operation, Outcome, Party, Phase, Redirected, Side, SpanDrop,
+    TransferDirection, UpstreamErrorKind,
 };

@@ -182,6 +182,34 @@ closed_set! {
 }
 
 closed_set! {
+    /// Who ended an attempt that failed: the time it cost is lost to them.
+    pub enum Culprit {
+        /// The client closed the connection or stopped sending (it gave up, or was killed).
+        Client => "client",
+        /// The registry answered an error, reset the connection, or did not answer in time.
+        Registry => "registry",
+        /// The storage a registry redirected to did.
+        Storage => "storage",
+        /// regscope's own limits cut it off (a stalled body, an overloaded proxy).
+        Regscope => "regscope",
+    }
+}
+
+closed_set! {
+    /// How an attempt failed.
+    pub enum FailureCause {
+        /// An error status (5xx, or a 4xx other than an auth challenge or a probe's 404).
+        ErrorStatus => "error_status",
+        /// The connection went away mid-exchange, or could not be made.
+        ConnectionLost => "connection_lost",
+        /// No answer in time.
+        Timeout => "timeout",
+        /// A body sent nothing for the stall timeout, or regscope refused for lack of room.
+        Limit => "limit",
+    }
+}
+
+closed_set! {
     /// What became of a registry's redirect to another host.
     pub enum Redirected {
         /// Rewritten to a regscope handle: the bytes come through regscope.

@@ -1,6 +1,7 @@
 //! Recording: requests grouped into pushes and pulls, their upload phases, and the timeline
 //! that gives every instant of a transfer to exactly one party.
 
+mod attempts;
 mod claims;
 mod manifests;
 mod model;
@@ -15,6 +16,7 @@ mod tests;
 mod timeline;
 mod tracker;
 
+pub use attempts::{Attempt, AttemptOutcome, Lost};
 pub(crate) use model::image_name;
 pub use model::{Blob, BlobOutcome, LiveTransfer, Transfer};
 pub(crate) use phases::upload_pieces;

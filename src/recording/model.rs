@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::attempts::{Attempt, Lost};
 use super::phases::{UploadOutcome, UploadPhases};
 use super::split::Split;
 use super::timeline::RequestView;
@@ -77,6 +78,9 @@ pub struct Blob {
     /// The ids of the requests that moved it (see `Transfer::requests`).
     #[serde(default)]
     pub requests: Vec<u64>,
+    /// Its tries, in order: every upload or download of it, failed ones with who ended them.
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
 }
 
 /// A finished push or pull.
@@ -98,8 +102,15 @@ pub struct Transfer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<TraceId>,
     pub wall_seconds: f64,
-    /// Every instant of the wall time attributed to exactly one party (see `timeline`).
+    /// Every instant of the wall time attributed to exactly one party (see `timeline`), except
+    /// what failures cost: that is in `lost`, and the two add up to the wall time.
     pub parties: Split,
+    /// Seconds lost to failed attempts and the client's waits after them, by who failed.
+    #[serde(default)]
+    pub lost: Lost,
+    /// Bytes moved by attempts that failed.
+    #[serde(default)]
+    pub wasted_bytes: u64,
     /// Body bytes in the transfer's direction.
     pub bytes: u64,
     pub blobs: Vec<Blob>,

@@ -201,6 +201,7 @@ mod tests {
             upload: None,
             download: None,
             aborted_by: None,
+            upstream_error: None,
             trace: None,
         }
     }

@@ -2,11 +2,15 @@
 
 use std::time::UNIX_EPOCH;
 
+use super::attempts::AttemptOutcome;
+use super::attempts::{attempt, failure, is_fetch, lost_spans as lost_spans_of, retries, split_at_failures};
 use super::model::{Blob, BlobOutcome, Transfer};
+use super::phases::UploadOutcome;
 use super::phases::{is_upload_request, upload_outcome, upload_phases};
 use super::session::{Key, Session};
 use super::split::Split;
-use super::timeline::{attribute, RequestView};
+use super::timeline::{attribute_with, RequestView};
+use super::HashSet;
 use crate::protocol::{Api, BlobKind, BlobRef, Operation};
 use crate::protocol::{Outcome, TransferDirection};
 
@@ -15,7 +19,6 @@ pub(crate) fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transf
     let mut requests: Vec<RequestView> = s.records.iter().map(|r| RequestView::new(r, s.base)).collect();
     requests.sort_by(|a, b| a.start.total_cmp(&b.start));
     let wall = requests.iter().map(|r| r.end).fold(0.0, f64::max);
-    let parties = attribute(&requests, wall);
     let outcome = s.outcome.unwrap_or(if s.failed || requests.iter().any(|r| r.aborted_by.is_some()) {
         Outcome::Failed
     } else {
@@ -37,6 +40,19 @@ pub(crate) fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transf
             blobs
         }
     };
+    // Failed attempts, and the client's wait after each, are lost to whoever failed.
+    let mut lost_spans = Vec::new();
+    let mut failed_requests = HashSet::default();
+    let mut wasted_bytes = 0;
+    for attempt in blobs.iter().flat_map(|b| &b.attempts).filter(|a| a.outcome == AttemptOutcome::Failed) {
+        failed_requests.extend(attempt.requests.iter().copied());
+        wasted_bytes += attempt.bytes;
+    }
+    for blob in &blobs {
+        lost_spans_of(&blob.attempts, &mut lost_spans);
+    }
+    let kept = requests.iter().filter(|r| !failed_requests.contains(&r.id));
+    let (parties, lost) = attribute_with(kept, wall, &lost_spans);
     let bytes = requests
         .iter()
         .map(|r| match key.direction {
@@ -66,6 +82,8 @@ pub(crate) fn build_transfer(key: &Key, s: Session, idle_closed: bool) -> Transf
         trace_id: None,
         wall_seconds: wall,
         parties,
+        lost,
+        wasted_bytes,
         bytes,
         blobs,
         requests,
@@ -85,7 +103,9 @@ pub(crate) fn kind_and_size(expected: &[BlobRef], digest: Option<&str>) -> (Opti
     digest.and_then(|d| expected.iter().find(|b| b.digest == d)).map_or((None, None), |b| (Some(b.kind), b.size))
 }
 
-/// Push: one blob per upload (v2: by upload id; v1: by image id), in order of first request.
+/// Push: one blob per upload (v2: by upload id; v1: by image id), in order of first request; a
+/// v2 upload that failed before naming its blob joins the upload that retried it (see
+/// `attempts`), as that blob's earlier attempt.
 pub(crate) fn push_blobs(requests: &[RequestView], expected: &[BlobRef], idle_closed: bool) -> Vec<Blob> {
     let mut groups: Vec<(String, Vec<&RequestView>)> = Vec::new();
     for r in requests.iter().filter(|r| is_upload_request(r.operation)) {
@@ -100,33 +120,75 @@ pub(crate) fn push_blobs(requests: &[RequestView], expected: &[BlobRef], idle_cl
             None => groups.push((group, vec![r])),
         }
     }
-    groups
+    let digest_of = |group: &str, members: &[&RequestView]| {
+        if members.iter().any(|r| r.operation.api() == Api::V1) {
+            return Some(group.to_owned());
+        }
+        members
+            .iter()
+            .filter(|r| matches!(r.operation, Operation::UploadFinish | Operation::BlobMount))
+            .find_map(|r| r.digest.clone())
+    };
+    let digests: Vec<Option<String>> = groups.iter().map(|(g, m)| digest_of(g, m)).collect();
+    let outcomes: Vec<UploadOutcome> = groups.iter().map(|(_, m)| upload_outcome(m, idle_closed)).collect();
+    let moved: Vec<u64> = groups.iter().map(|(_, m)| m.iter().map(|r| r.bytes_in()).sum()).collect();
+    let failed: Vec<bool> =
+        (0..groups.len()).map(|i| outcomes[i] == UploadOutcome::Failed && digests[i].is_none()).collect();
+    let started: Vec<f64> =
+        groups.iter().map(|(_, m)| m.iter().map(|r| r.start).fold(f64::INFINITY, f64::min)).collect();
+    let ended: Vec<f64> = groups.iter().map(|(_, m)| m.iter().map(|r| r.end).fold(0.0, f64::max)).collect();
+    let sizes: Vec<Option<u64>> = digests.iter().map(|d| kind_and_size(expected, d.as_deref()).1).collect();
+    let retry_of = retries(&failed, &ended, &started, &moved, &sizes);
+    // Each upload's chain: the first upload of the blob it ended up moving, and in order after it
+    // the uploads that retried it.
+    let mut chains: Vec<Vec<usize>> = Vec::new();
+    let mut chain_of = vec![0; groups.len()];
+    for i in 0..groups.len() {
+        match retry_of[i] {
+            Some(earlier) => {
+                chain_of[i] = chain_of[earlier];
+                chains[chain_of[i]].push(i);
+            }
+            None => {
+                chain_of[i] = chains.len();
+                chains.push(vec![i]);
+            }
+        }
+    }
+    chains
         .into_iter()
-        .map(|(group, members)| {
-            let phases = upload_phases(&members);
-            let v1 = members.iter().any(|r| r.operation.api() == Api::V1);
-            let digest = if v1 {
-                Some(group)
-            } else {
-                members
-                    .iter()
-                    .filter(|r| matches!(r.operation, Operation::UploadFinish | Operation::BlobMount))
-                    .find_map(|r| r.digest.clone())
-            };
+        .map(|chain| {
+            let last = *chain.last().expect("a chain has an upload");
+            let members = &groups[last].1;
+            let phases = upload_phases(members);
+            let digest = digests[last].clone();
             let (kind, declared_size) = kind_and_size(expected, digest.as_deref());
+            let all: Vec<&RequestView> = chain.iter().flat_map(|&i| groups[i].1.iter().copied()).collect();
+            let mut attempts = Vec::new();
+            for &i in &chain {
+                let parts = split_at_failures(&groups[i].1);
+                let delivered = matches!(outcomes[i], UploadOutcome::Committed | UploadOutcome::Mounted);
+                let n = parts.len();
+                for (k, part) in parts.iter().enumerate() {
+                    let bytes = part.iter().map(|r| r.bytes_in()).sum();
+                    attempts.push(attempt(part, delivered && k + 1 == n, bytes));
+                }
+            }
             Blob {
                 kind,
                 declared_size,
                 layer: layer_number(expected, digest.as_deref()),
-                bytes: phases.bytes,
-                outcome: upload_outcome(&members, idle_closed).into(),
-                start: members.iter().map(|r| r.start).fold(f64::INFINITY, f64::min),
-                end: members.iter().map(|r| r.end).fold(0.0, f64::max),
+                // The last upload's transfer phase, and what the failed ones before it moved.
+                bytes: phases.bytes + chain[..chain.len() - 1].iter().map(|&i| moved[i]).sum::<u64>(),
+                outcome: outcomes[last].into(),
+                start: all.iter().map(|r| r.start).fold(f64::INFINITY, f64::min),
+                end: all.iter().map(|r| r.end).fold(0.0, f64::max),
                 split: phases.transfer_split,
                 phases: Some(phases),
                 metadata_seconds: 0.0,
                 digest,
-                requests: members.iter().map(|r| r.id).collect(),
+                requests: all.iter().map(|r| r.id).collect(),
+                attempts,
             }
         })
         .collect()
@@ -160,6 +222,7 @@ pub(crate) fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<
                     metadata_seconds: 0.0,
                     split: Split::default(),
                     requests: Vec::new(),
+                    attempts: Vec::new(),
                 });
                 blobs.len() - 1
             }
@@ -178,7 +241,34 @@ pub(crate) fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<
             blob.outcome = BlobOutcome::Fetched;
         }
     }
+    for blob in &mut blobs {
+        let fetches: Vec<&RequestView> =
+            requests.iter().filter(|r| is_fetch(r.operation) && blob.requests.contains(&r.id)).collect();
+        blob.attempts = download_attempts(&fetches);
+    }
     blobs
+}
+
+/// A blob's downloads as attempts: a redirect and the storage request that follows are one; a
+/// request that failed, or delivered with a 2xx, ends one.
+fn download_attempts(fetches: &[&RequestView]) -> Vec<super::attempts::Attempt> {
+    let mut attempts = Vec::new();
+    let mut current: Vec<&RequestView> = Vec::new();
+    for &r in fetches {
+        current.push(r);
+        let redirect = r.status.is_some_and(|s| (300..400).contains(&s)) && failure(r).is_none();
+        if !redirect {
+            let delivered = failure(r).is_none() && r.status.is_some_and(|s| (200..300).contains(&s));
+            let bytes = current.iter().map(|r| r.bytes_out()).sum();
+            attempts.push(attempt(&current, delivered, bytes));
+            current.clear();
+        }
+    }
+    if !current.is_empty() {
+        let bytes = current.iter().map(|r| r.bytes_out()).sum();
+        attempts.push(attempt(&current, false, bytes));
+    }
+    attempts
 }
 
 /// A complete transfer's blobs that its manifest names and it did not move: the other side had
@@ -201,6 +291,7 @@ fn add_present(blobs: &mut Vec<Blob>, expected: &[BlobRef]) {
             metadata_seconds: 0.0,
             split: Split::default(),
             requests: Vec::new(),
+            attempts: Vec::new(),
         });
     }
 }

@@ -38,7 +38,7 @@ pub(super) fn record(id: u64, op: Operation, repo: &str, at: Instant, secs: f64,
     }
 }
 
-fn body(direction: Direction, bytes: u64, from: Instant, to: Instant) -> Option<BodyOutcome> {
+pub(super) fn body(direction: Direction, bytes: u64, from: Instant, to: Instant) -> Option<BodyOutcome> {
     Some(BodyOutcome {
         direction,
         bytes,
@@ -51,7 +51,7 @@ fn body(direction: Direction, bytes: u64, from: Instant, to: Instant) -> Option<
     })
 }
 
-fn tracker(config: TrackerConfig) -> Tracker {
+pub(super) fn tracker(config: TrackerConfig) -> Tracker {
     Tracker::new(config, Arc::new(Metrics::new(0)))
 }
 
@@ -151,13 +151,20 @@ async fn polling_one_manifest_does_not_grow_the_session() {
 
 /// A manifest body naming a config and layers of the given digests, each of size 100 × its
 /// position.
-fn manifest_body(config: &str, layers: &[&str]) -> Vec<u8> {
+pub(super) fn manifest_body(config: &str, layers: &[&str]) -> Vec<u8> {
     let layer = |(i, d): (usize, &&str)| format!(r#"{{"digest":"{d}","size":{}}}"#, 100 * (i + 1));
     let layers: Vec<String> = layers.iter().enumerate().map(layer).collect();
     format!(r#"{{"config":{{"digest":"{config}","size":7}},"layers":[{}]}}"#, layers.join(",")).into_bytes()
 }
 
-fn manifest_get(id: u64, repo: &str, at: Instant, reference: &str, digest: &str, body: Vec<u8>) -> ExchangeRecord {
+pub(super) fn manifest_get(
+    id: u64,
+    repo: &str,
+    at: Instant,
+    reference: &str,
+    digest: &str,
+    body: Vec<u8>,
+) -> ExchangeRecord {
     let mut get = record(id, Operation::ManifestGet, repo, at, 0.01, 200);
     get.reference = Some(reference.into());
     get.response_info.content_digest = Some(digest.into());
@@ -165,7 +172,7 @@ fn manifest_get(id: u64, repo: &str, at: Instant, reference: &str, digest: &str,
     get
 }
 
-fn blob_get(id: u64, repo: &str, at: Instant, digest: &str, bytes: u64) -> ExchangeRecord {
+pub(super) fn blob_get(id: u64, repo: &str, at: Instant, digest: &str, bytes: u64) -> ExchangeRecord {
     let mut get = record(id, Operation::BlobGet, repo, at, 0.1, 200);
     get.digest = Some(digest.into());
     get.download = body(Direction::Download, bytes, at, at + Duration::from_millis(100));
@@ -331,7 +338,7 @@ async fn a_pull_that_needs_no_blob_waits_longer_then_lists_everything_present() 
 }
 
 /// One blob's upload as docker makes it: `POST`, one `PATCH` of `bytes`, the commit naming it.
-fn upload(first_id: u64, repo: &str, at: Instant, digest: &str, bytes: u64) -> Vec<ExchangeRecord> {
+pub(super) fn upload(first_id: u64, repo: &str, at: Instant, digest: &str, bytes: u64) -> Vec<ExchangeRecord> {
     let uuid = format!("u-{digest}");
     let mut post = record(first_id, Operation::UploadStart, repo, at, 0.01, 202);
     post.response_info.upload_uuid = Some(uuid.as_str().into());
@@ -344,7 +351,14 @@ fn upload(first_id: u64, repo: &str, at: Instant, digest: &str, bytes: u64) -> V
     vec![post, patch, put]
 }
 
-fn manifest_put(id: u64, repo: &str, at: Instant, reference: &str, digest: &str, body: Vec<u8>) -> ExchangeRecord {
+pub(super) fn manifest_put(
+    id: u64,
+    repo: &str,
+    at: Instant,
+    reference: &str,
+    digest: &str,
+    body: Vec<u8>,
+) -> ExchangeRecord {
     let mut put = record(id, Operation::ManifestPut, repo, at, 0.01, 201);
     put.reference = Some(reference.into());
     put.response_info.content_digest = Some(digest.into());

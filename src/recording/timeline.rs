@@ -19,11 +19,12 @@
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::attempts::{Lost, LostSpan};
 use super::split::Split;
 use crate::body::BodyOutcome;
 use crate::body::ExchangeRecord;
 use crate::protocol::Operation;
-use crate::protocol::{BodyEnd, Party, Side};
+use crate::protocol::{BodyEnd, Culprit, Party, Side, UpstreamErrorKind};
 use crate::traces::RequestTrace;
 
 /// One body as seen in a transfer, offsets in seconds from the transfer's start.
@@ -88,6 +89,9 @@ pub struct RequestView {
     pub upload: Option<BodyView>,
     pub download: Option<BodyView>,
     pub aborted_by: Option<Side>,
+    /// Why the exchange with the registry (or storage) failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_error: Option<UpstreamErrorKind>,
     /// Its span, when traces are on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<RequestTrace>,
@@ -112,6 +116,7 @@ impl RequestView {
             upload: r.upload.as_ref().filter(|b| b.bytes > 0 || b.first_poll.is_some()).map(|b| BodyView::new(b, base)),
             download: r.download.as_ref().filter(|b| b.bytes > 0).map(|b| BodyView::new(b, base)),
             aborted_by: r.aborted_by(),
+            upstream_error: r.upstream_error,
             trace: r.trace.as_deref().cloned(),
         }
     }
@@ -213,13 +218,33 @@ pub(crate) struct Segment {
 
 /// Attributes every instant of `[0, wall]` to the client, the registry or bytes moving, by the
 /// rule in the module docs. The result's total equals `wall`.
+#[cfg(test)]
 pub(super) fn attribute(requests: &[RequestView], wall: f64) -> Split {
+    attribute_with(requests.iter(), wall, &[]).0
+}
+
+/// The same, where `requests` leaves out those of failed attempts and `lost` holds the stretches
+/// their failures cost: an instant that would be the client's goes instead to whoever failed, when
+/// a lost stretch covers it (the registry first, then storage, regscope, the client). The two
+/// results' totals add up to `wall`.
+pub(super) fn attribute_with<'a>(
+    requests: impl Iterator<Item = &'a RequestView>,
+    wall: f64,
+    lost: &[LostSpan],
+) -> (Split, Lost) {
     let segments = clipped_segments(requests, wall);
     // A sweep over start and end events, O(n log n): the products over the active segments are
     // kept as sums of logarithms plus a count of zero factors, updated as segments come and go.
     let mut events: Vec<(f64, bool, usize)> =
         segments.iter().enumerate().flat_map(|(i, s)| [(s.from, true, i), (s.to, false, i)]).collect();
+    // Lost stretches come after the segments in the index space.
+    let clip = |t: f64| t.clamp(0.0, wall);
+    let lost_events = lost.iter().enumerate().filter(|(_, l)| clip(l.to) > clip(l.from));
+    let n = segments.len();
+    events.extend(lost_events.flat_map(|(i, l)| [(clip(l.from), true, n + i), (clip(l.to), false, n + i)]));
     events.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut losing = [0usize; Culprit::ALL.len()];
+    let mut lost_shares = Lost::default();
     let mut none_moving = LogProduct::default();
     let mut all_client = LogProduct::default();
     // How much of the active segments waits on each upstream party: what the waiting is split by.
@@ -230,8 +255,22 @@ pub(super) fn attribute(requests: &[RequestView], wall: f64) -> Split {
     for (time, starts, i) in events {
         let len = time - at;
         if len > 0.0 {
+            let client_before = shares.client;
             add_interval(&mut shares, len, active, none_moving.value(), all_client.value(), &waiting);
+            if let Some(culprit) = BLAME_ORDER.into_iter().find(|&c| losing[c as usize] > 0) {
+                *lost_shares.get_mut(culprit) += shares.client - client_before;
+                shares.client = client_before;
+            }
             at = time;
+        }
+        if i >= n {
+            let culprit = lost[i - n].culprit as usize;
+            if starts {
+                losing[culprit] += 1;
+            } else {
+                losing[culprit] -= 1;
+            }
+            continue;
         }
         let mix = segments[i].mix;
         if starts {
@@ -253,12 +292,14 @@ pub(super) fn attribute(requests: &[RequestView], wall: f64) -> Split {
     if wall > at {
         shares.client += wall - at;
     }
-    shares
+    (shares, lost_shares)
 }
 
-fn clipped_segments(requests: &[RequestView], wall: f64) -> Vec<Segment> {
+/// Whose failure an instant is lost to when several lost stretches cover it.
+const BLAME_ORDER: [Culprit; 4] = [Culprit::Registry, Culprit::Storage, Culprit::Regscope, Culprit::Client];
+
+fn clipped_segments<'a>(requests: impl Iterator<Item = &'a RequestView>, wall: f64) -> Vec<Segment> {
     requests
-        .iter()
         .flat_map(|r| r.segments())
         .map(|s| Segment { from: s.from.max(0.0), to: s.to.min(wall), mix: s.mix })
         .filter(|s| s.to > s.from)
@@ -342,6 +383,7 @@ mod tests {
             upload: None,
             download: None,
             aborted_by: None,
+            upstream_error: None,
             trace: None,
         }
     }
@@ -407,7 +449,7 @@ mod tests {
 
     /// The rule applied literally: every elementary interval, every segment.
     fn attribute_naive(requests: &[RequestView], wall: f64) -> Split {
-        let segments = clipped_segments(requests, wall);
+        let segments = clipped_segments(requests.iter(), wall);
         let mut cuts: Vec<f64> = segments.iter().flat_map(|s| [s.from, s.to]).chain([0.0, wall]).collect();
         cuts.sort_by(f64::total_cmp);
         cuts.dedup();

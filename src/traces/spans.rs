@@ -283,6 +283,7 @@ mod tests {
             }),
             download: None,
             aborted_by: None,
+            upstream_error: None,
             trace: Some(RequestTrace { span_id: SpanId::random(), client: None, path: "/v2/x".into(), upstream: None }),
         }
     }
@@ -302,6 +303,8 @@ mod tests {
             trace_id: Some(TraceId::random()),
             wall_seconds: wall,
             parties: Split::default(),
+            lost: Default::default(),
+            wasted_bytes: 0,
             bytes: requests.iter().map(RequestView::bytes_in).sum(),
             blobs: vec![Blob {
                 digest: Some("sha256:abc".into()),
@@ -316,6 +319,7 @@ mod tests {
                 metadata_seconds: 0.0,
                 split: Split::default(),
                 requests: blob_requests,
+                attempts: Vec::new(),
             }],
             requests,
             requests_dropped: 0,
