@@ -19,7 +19,8 @@ pub(crate) use labels::RepositoryLabels;
 use labels::{method_label, status_label};
 
 use crate::protocol::{
-    Api, Direction, Operation, Outcome, Party, Redirected, Side, SpanDrop, TransferDirection, UpstreamErrorKind,
+    Api, Culprit, Direction, FailureCause, Operation, Outcome, Party, Redirected, Side, SpanDrop, TransferDirection,
+    UpstreamErrorKind,
 };
 
 /// Durations from 1 ms to 1 h.
@@ -97,6 +98,8 @@ pub(crate) struct Metrics {
     pub upload_phase: HistogramVec,
     pub image_transfer: HistogramVec,
     pub image_time_total: prometheus::CounterVec,
+    pub failed_attempts: IntCounterVec,
+    pub lost_seconds: prometheus::CounterVec,
     pub redirects: IntCounterVec,
     pub trace_spans_exported: prometheus::IntCounter,
     pub trace_spans_dropped: IntCounterVec,
@@ -268,6 +271,16 @@ impl Metrics {
                 "Wall time of whole pushes and pulls, attributed to the client, the registry or bytes moving.",
                 &["direction", "party"],
             ),
+            failed_attempts: counter(
+                "regscope_failed_attempts_total",
+                "Blob uploads and downloads that failed (did not commit, or did not deliver every byte), by who ended them and how.",
+                &["direction", "failed_by", "cause"],
+            ),
+            lost_seconds: float_counter(
+                "regscope_lost_seconds_total",
+                "Wall time of whole pushes and pulls lost to failures (the failed attempt and the client's wait before its retry), by who failed; with regscope_image_time_seconds_total it adds up to the wall time.",
+                &["direction", "party"],
+            ),
             redirects: counter(
                 "regscope_redirects_total",
                 "Registry redirects to other hosts: storage (object storage, CDNs) and auth (token realms), captured through regscope, or passed to the client unseen (--redirects, --auth-realms pass).",
@@ -315,6 +328,8 @@ impl Metrics {
         register(Box::new(m.upload_phase.clone()));
         register(Box::new(m.image_transfer.clone()));
         register(Box::new(m.image_time_total.clone()));
+        register(Box::new(m.failed_attempts.clone()));
+        register(Box::new(m.lost_seconds.clone()));
         register(Box::new(m.redirects.clone()));
         register(Box::new(m.trace_spans_exported.clone()));
         register(Box::new(m.trace_spans_dropped.clone()));
@@ -352,6 +367,12 @@ impl Metrics {
             }
             for outcome in Outcome::ALL {
                 self.image_transfer.with_label_values(&[direction.as_str(), outcome.as_str()]);
+            }
+            for culprit in Culprit::ALL {
+                self.lost_seconds.with_label_values(&[direction.as_str(), culprit.as_str()]);
+                for cause in FailureCause::ALL {
+                    self.failed_attempts.with_label_values(&[direction.as_str(), culprit.as_str(), cause.as_str()]);
+                }
             }
         }
         for party in [Party::Storage, Party::Auth] {

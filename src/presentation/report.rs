@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use crate::protocol::BlobKind;
 use crate::protocol::{Api, Operation};
-use crate::protocol::{Party, TransferDirection};
-use crate::recording::{Blob, BlobOutcome, Transfer};
+use crate::protocol::{Culprit, Party, TransferDirection};
+use crate::recording::{Attempt, AttemptOutcome, Blob, BlobOutcome, Transfer};
 
 /// One row of the table.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +73,16 @@ pub(crate) fn rows(t: &Transfer) -> Vec<Row> {
             out.push((blob.start, 0, row));
             continue;
         }
+        // Failed attempts first, each with the client's wait after it: lost to whoever failed.
+        for (i, a) in blob.attempts.iter().enumerate().filter(|(_, a)| a.outcome == AttemptOutcome::Failed) {
+            let by = a.failed_by.map_or(String::new(), |c| format!(": {}", failure_words(c, a)));
+            let operation = format!("failed attempt {name} ({}){by}", bytes(a.bytes));
+            out.push((a.start, 0, Row { operation, seconds: a.end - a.start, split: None }));
+            if let Some(next) = blob.attempts.get(i + 1) {
+                let operation = format!("retry wait {name}");
+                out.push((a.end, 0, Row { operation, seconds: (next.start - a.end).max(0.0), split: None }));
+            }
+        }
         let size = format!(" ({})", bytes(blob.bytes));
         let mut push = |i: usize, operation: String, seconds: f64, split| {
             out.push((blob.start, i, Row { operation, seconds, split }))
@@ -114,7 +124,13 @@ pub(crate) fn rows(t: &Transfer) -> Vec<Row> {
     }
     // The silent gaps between uploads, when nothing of the transfer was on the wire: the
     // client working. Gaps inside one upload are already its `gap` row.
-    let spans: Vec<(f64, f64)> = t.blobs.iter().filter(|b| b.phases.is_some()).map(|b| (b.start, b.end)).collect();
+    // Nor are the waits after failed attempts: they are lost to whoever failed.
+    let mut spans: Vec<(f64, f64)> = t.blobs.iter().filter(|b| b.phases.is_some()).map(|b| (b.start, b.end)).collect();
+    for b in &t.blobs {
+        spans.extend(
+            b.attempts.windows(2).filter(|w| w[0].outcome == AttemptOutcome::Failed).map(|w| (w[0].start, w[1].start)),
+        );
+    }
     let threshold = (t.wall_seconds * 0.005).max(0.010);
     for (from, to) in idle_intervals(t) {
         let inside_upload = spans.iter().any(|&(a, b)| a <= from && to <= b);
@@ -157,6 +173,41 @@ fn layers_fetched(t: &Transfer) -> Option<String> {
     (present > 0).then(|| format!("{verb} {moved} of {} layers ({present} {had})", layers().count()))
 }
 
+/// How a failed attempt ended, in words: "registry (connection lost, 502)".
+fn failure_words(culprit: Culprit, a: &Attempt) -> String {
+    let cause = a.cause.map_or("", |c| c.as_str()).replace('_', " ");
+    match a.status {
+        Some(status) => format!("{} ({cause}, {status})", culprit.as_str()),
+        None => format!("{} ({cause})", culprit.as_str()),
+    }
+}
+
+/// "4.9 s (46 %) lost to a registry failure at 53.7 MB and the client's retry; ", for each party
+/// that failed; empty when nothing did.
+fn losses(t: &Transfer) -> String {
+    let mut text = String::new();
+    for culprit in Culprit::ALL.into_iter().filter(|&c| t.lost.get(c) > 0.0) {
+        let seconds = t.lost.get(culprit);
+        let attempts = t.blobs.iter().flat_map(|b| b.attempts.iter().enumerate().map(move |(i, a)| (b, i, a)));
+        let failed: Vec<_> = attempts.filter(|(_, _, a)| a.failed_by == Some(culprit)).collect();
+        let moved: u64 = failed.iter().map(|(_, _, a)| a.bytes).sum();
+        let retried = failed.iter().any(|(b, i, _)| b.attempts.len() > i + 1);
+        let what = match (culprit, failed.len()) {
+            (Culprit::Client, _) => "the client giving up".to_owned(),
+            (c, 1) => format!("a {} failure", c.as_str()),
+            (c, n) => format!("{n} {} failures", c.as_str()),
+        };
+        let _ = write!(
+            text,
+            "{seconds:.1} s ({:.0} %) lost to {what} at {}{}; ",
+            100.0 * seconds / t.wall_seconds,
+            bytes(moved),
+            if retried { " and the client's retry" } else { "" }
+        );
+    }
+    text
+}
+
 /// The one-line verdict: where this transfer's time went.
 pub(crate) fn verdict(t: &Transfer) -> String {
     let wall = t.wall_seconds;
@@ -176,7 +227,8 @@ pub(crate) fn verdict(t: &Transfer) -> String {
         }
     }
     format!(
-        "{}{:.0} % of this {} was spent in the client ({client_doing}), {:.0} % in the registry{storage}, {:.0} % moving bytes",
+        "{}{}{:.0} % of this {} was spent in the client ({client_doing}), {:.0} % in the registry{storage}, {:.0} % moving bytes",
+        losses(t),
         layers_fetched(t).map(|s| s + "; ").unwrap_or_default(),
         pct(t.parties.client),
         t.direction.as_str(),
@@ -219,6 +271,15 @@ pub fn render(t: &Transfer) -> String {
         let share = if t.wall_seconds > 0.0 { 100.0 * row.seconds / t.wall_seconds } else { 0.0 };
         let split = row.split.map(split_text).unwrap_or_default();
         let _ = writeln!(s, "  {:<width$}  {:>9.3}s  {:>6.1}%  {:>26}", row.operation, row.seconds, share, split);
+    }
+    for culprit in Culprit::ALL.into_iter().filter(|&c| t.lost.get(c) > 0.0) {
+        let seconds = t.lost.get(culprit);
+        let share = 100.0 * seconds / t.wall_seconds;
+        let _ = writeln!(
+            s,
+            "  {:<width$}  {seconds:>9.3}s  {share:>6.1}%",
+            format!("lost to {} failures", culprit.as_str())
+        );
     }
     let _ = writeln!(s, "  {:<width$}  {:>9.3}s  {:>6.1}%", "total (wall)", t.wall_seconds, 100.0);
     if rows.len() > 1 {

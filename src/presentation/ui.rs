@@ -6,8 +6,9 @@ use std::fmt::Write as _;
 
 use crate::presentation::report::bytes;
 use crate::presentation::waterfall::{escape, render_svg, request_label, AUTH, CLIENT, MOVING, REGISTRY, STORAGE};
+use crate::protocol::Culprit;
 use crate::recording::Split;
-use crate::recording::{LiveTransfer, Transfer};
+use crate::recording::{Blob, LiveTransfer, Transfer};
 
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}\
 table{border-collapse:collapse;margin-bottom:1.5em}td,th{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}\
@@ -48,8 +49,12 @@ pub(crate) fn index(live: &[LiveTransfer], recent: &[std::sync::Arc<Transfer>]) 
     } else {
         b.push_str(r#"<table id="live"><tr><th>direction</th><th>image</th><th>client</th><th>elapsed</th><th>request</th><th>progress</th><th>bytes</th></tr>"#);
         for t in live {
+            let failed = match t.failed_requests {
+                0 => String::new(),
+                n => format!(r#"<br><span class="failures" data-failed="{n}">{n} failed</span>"#),
+            };
             let head = format!(
-                "<td>{}</td><td>{}</td><td>{}</td><td class=num>{:.1} s</td>",
+                "<td>{}</td><td>{}</td><td>{}</td><td class=num>{:.1} s{failed}</td>",
                 t.direction.as_str(),
                 name(&t.repository, t.tag.as_deref()),
                 escape(&t.client),
@@ -97,13 +102,40 @@ pub(crate) fn index(live: &[LiveTransfer], recent: &[std::sync::Arc<Transfer>]) 
                 bytes(t.bytes),
                 t.wall_seconds,
                 shares_bar(&t.parties, t.wall_seconds),
-                t.outcome.as_str(),
+                outcome_text(t),
                 id = t.id,
             );
         }
         b.push_str("</table>");
     }
     page("regscope", Some(2), &b)
+}
+
+/// ", after 1 failed attempt (registry)" for a blob that needed retries.
+fn failed_attempts(blob: &Blob) -> String {
+    let failed: Vec<&str> = blob.attempts.iter().filter_map(|a| a.failed_by).map(Culprit::as_str).collect();
+    match failed.len() {
+        0 => String::new(),
+        n => format!(
+            r#" <span class="failed-attempts" data-failed="{n}">after {n} failed attempt{} ({})</span>"#,
+            if n == 1 { "" } else { "s" },
+            failed.join(", ")
+        ),
+    }
+}
+
+/// Its outcome, and what failures cost it when they did: "complete, 4.9 s lost to registry".
+fn outcome_text(t: &Transfer) -> String {
+    let mut text = t.outcome.as_str().to_owned();
+    for culprit in Culprit::ALL.into_iter().filter(|&c| t.lost.get(c) > 0.0) {
+        let _ = write!(
+            text,
+            r#", <span class="lost" data-culprit="{c}" data-seconds="{s}">{s:.1} s lost to {c}</span>"#,
+            c = culprit.as_str(),
+            s = t.lost.get(culprit)
+        );
+    }
+    text
 }
 
 /// `/transfers/<id>`: the waterfall, the layers, and every request with exact figures.
@@ -145,7 +177,7 @@ pub fn transfer_page(t: &Transfer) -> String {
             blob.bytes,
             escape(blob.digest.as_deref().unwrap_or("?")),
             bytes(blob.bytes),
-            serde_json::to_value(blob.outcome).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+            blob.outcome.as_str().to_owned() + &failed_attempts(blob),
             blob.split.client,
             blob.split.registry,
             blob.split.moving,

@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use crate::protocol::Operation;
+use crate::protocol::{Culprit, Operation};
 use crate::recording::RequestView;
 use crate::recording::Transfer;
 
@@ -143,18 +143,47 @@ pub fn render_svg(t: &Transfer) -> String {
         );
         tick += step;
     }
+    // Failed attempts: their requests are marked, and the client's wait after each is drawn on
+    // the row of the attempt's last request, as time lost to whoever failed.
+    let mut failed: Vec<(u64, Culprit)> = Vec::new();
+    let mut waits: Vec<(u64, f64, f64, Culprit)> = Vec::new();
+    for blob in &t.blobs {
+        for (n, a) in blob.attempts.iter().enumerate() {
+            let Some(culprit) = a.failed_by else { continue };
+            failed.extend(a.requests.iter().map(|&id| (id, culprit)));
+            if let (Some(next), Some(&last)) = (blob.attempts.get(n + 1), a.requests.last()) {
+                waits.push((last, a.end, next.start, culprit));
+            }
+        }
+    }
     for (i, r) in t.requests.iter().enumerate() {
         let y = TOP + i as f64 * ROW;
         let label = escape(&request_label(r));
+        let culprit = failed.iter().find(|(id, _)| *id == r.id).map(|&(_, c)| c);
         let _ = write!(
             s,
-            r#"<g class="request" data-id="{}" data-start="{}" data-end="{}"><text x="4" y="{:.1}">{}</text>"#,
+            r#"<g class="request{}" data-id="{}" data-start="{}" data-end="{}"{}><text x="4" y="{:.1}">{}</text>"#,
+            if culprit.is_some() { " failed" } else { "" },
             r.id,
             r.start,
             r.end,
+            culprit.map(|c| format!(r#" data-failed-by="{}""#, c.as_str())).unwrap_or_default(),
             y + 13.0,
             label
         );
+        for &(_, from, to, culprit) in waits.iter().filter(|w| w.0 == r.id && w.2 > w.1) {
+            let _ = write!(
+                s,
+                r##"<rect class="retry-wait" data-culprit="{c}" data-seconds="{}" x="{:.3}" y="{:.1}" width="{:.3}" height="{:.1}" fill="none" stroke="#c0392b" stroke-dasharray="4 3"><title>retry wait: {:.3} s lost to {c}</title></rect>"##,
+                to - from,
+                LABEL + from * scale,
+                y + 3.0,
+                (to - from) * scale,
+                ROW - 6.0,
+                to - from,
+                c = culprit.as_str()
+            );
+        }
         // A faint span under the segments keeps sub-pixel requests visible; not a segment.
         let _ = write!(
             s,
@@ -176,11 +205,22 @@ pub fn render_svg(t: &Transfer) -> String {
                 seconds
             );
         }
+        if culprit.is_some() {
+            let _ = write!(
+                s,
+                r##"<rect class="failed-outline" x="{:.3}" y="{:.1}" width="{:.3}" height="{:.1}" fill="none" stroke="#c0392b"/>"##,
+                LABEL + r.start * scale,
+                y + 2.0,
+                (r.duration() * scale).max(2.0),
+                ROW - 4.0
+            );
+        }
         let bytes = r.bytes_in() + r.bytes_out();
         let split = r.split();
+        let failed_text = culprit.map(|c| format!(", failed ({})", c.as_str())).unwrap_or_default();
         let _ = write!(
             s,
-            r#"<title>{label}: {:.4} s, {bytes} bytes, client {:.4} s / registry {:.4} s / moving {:.4} s</title></g>"#,
+            r#"<title>{label}{failed_text}: {:.4} s, {bytes} bytes, client {:.4} s / registry {:.4} s / moving {:.4} s</title></g>"#,
             r.duration(),
             split.client,
             split.registry,
@@ -189,9 +229,11 @@ pub fn render_svg(t: &Transfer) -> String {
     }
     let shares = t.parties;
     let pct = |x: f64| if t.wall_seconds > 0.0 { 100.0 * x / t.wall_seconds } else { 0.0 };
+    let lost =
+        if t.lost.total() > 0.0 { format!(", lost to failures {:.1} %", pct(t.lost.total())) } else { String::new() };
     let _ = write!(
         s,
-        r#"<text x="4" y="{:.1}">client {:.1} %, registry {:.1} %, moving {:.1} % of {:.3} s</text></svg>"#,
+        r#"<text x="4" y="{:.1}">client {:.1} %, registry {:.1} %, moving {:.1} %{lost} of {:.3} s</text></svg>"#,
         height - 10.0,
         pct(shares.client),
         pct(shares.registry),

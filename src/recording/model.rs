@@ -132,6 +132,9 @@ pub struct LiveTransfer {
     pub requests_done: u64,
     /// Body bytes of finished requests, in the transfer's direction.
     pub bytes_done: u64,
+    /// Finished requests that failed (an error status, or cut off) so far.
+    #[serde(default)]
+    pub failed_requests: u64,
     pub in_flight: Vec<LiveExchange>,
 }
 

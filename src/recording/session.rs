@@ -174,6 +174,7 @@ impl Session {
             elapsed: now.saturating_duration_since(self.base).as_secs_f64(),
             requests_done: self.records.len() as u64 + self.dropped,
             bytes_done: self.records.iter().map(moved).sum(),
+            failed_requests: self.records.iter().filter(|r| request_failed(r)).count() as u64,
             in_flight: requests,
         }
     }

@@ -121,11 +121,13 @@ pub fn verdict_percentages(table: &str) -> (f64, f64, f64) {
 }
 
 /// The parties' shares of a transfer cover its wall time exactly: every instant belongs to the
-/// client, the registry, the storage it redirected to, or bytes moving, and to only one.
+/// client, the registry, the storage it redirected to, bytes moving, or is lost to a failure, and
+/// to only one.
 pub fn assert_shares_add_up(t: &Transfer) {
     let p = t.parties;
     assert!(Party::ALL.iter().all(|&party| p.get(party) >= 0.0), "negative share: {p:?}");
-    let sum = p.total();
+    assert!(regscope::Culprit::ALL.iter().all(|&c| t.lost.get(c) >= 0.0), "negative loss: {:?}", t.lost);
+    let sum = p.total() + t.lost.total();
     assert!(t.wall_seconds > 0.0, "transfer {} has no wall time", t.id);
     assert!(
         (sum - t.wall_seconds).abs() <= 1e-6 * t.wall_seconds.max(1.0),
