@@ -307,6 +307,8 @@ mod tests {
         let mut cut = blob_get(3, "team/app", at(0.1), "sha256:l", 40);
         cut.download = Some(BodyOutcome { end: crate::protocol::BodyEnd::SourceError, ..cut.download.unwrap() });
         t.finished(cut);
+        t.sweep(Instant::now() + Duration::from_secs(5));
+        assert!(t.recent(1).is_empty(), "a pull the registry cut off waits for the client's retry");
         t.finished(blob_get(4, "team/app", at(1.0), "sha256:l", 60));
         let pull = t.recent(1)[0].clone();
         assert_eq!(pull.outcome, Outcome::Complete);

@@ -113,6 +113,9 @@ pub(crate) struct Session {
     /// A request of it failed (an error status other than an auth challenge or a `HEAD` probe's
     /// 404, or a body cut off): a settled pull with one is `failed`, not `complete`.
     pub(crate) request_failed: bool,
+    /// Pull: blobs whose fetch failed and that no fetch has delivered since, each with whether
+    /// the registry (or storage) ended it: the client is then likely to try again.
+    pub(crate) failed_fetches: HashMap<Box<str>, bool>,
     pub(crate) outcome: Option<Outcome>,
 }
 
@@ -137,6 +140,7 @@ impl Session {
             resolved: false,
             candidates: Vec::new(),
             request_failed: false,
+            failed_fetches: HashMap::default(),
             outcome: None,
         }
     }
@@ -247,10 +251,26 @@ impl Session {
         if key.direction != TransferDirection::Pull || !self.resolved {
             return None;
         }
-        let deciding = self.fetched.is_empty() && !self.request_failed;
+        if self.failed_fetches.values().any(|&upstream| upstream) {
+            return Some(settle * RETRY_SETTLES);
+        }
+        let deciding = self.fetched.is_empty() && !self.failed_so_far();
         Some(if deciding { settle * FIRST_BLOB_SETTLES } else { settle })
     }
+
+    /// Whether something failed that dooms the transfer if nothing else happens: a request, or
+    /// a blob fetch no later fetch made good.
+    pub(crate) fn failed_so_far(&self) -> bool {
+        self.request_failed || !self.failed_fetches.is_empty()
+    }
 }
+
+/// How many settle times a pull waits after the registry (or storage) cut off one of its blobs
+/// and before the client fetched it again: clients back off before retrying (docker 5 s, then 10).
+const RETRY_SETTLES: u32 = 20;
+
+/// Blobs whose failed fetches a pull remembers: far above any image's layer count.
+const MAX_FAILED_FETCHES: usize = 1024;
 
 /// Platform manifests a session keeps as candidates: more than any index lists platforms.
 const MAX_CANDIDATES: usize = 64;
@@ -287,7 +307,19 @@ pub(crate) fn update(
 ) {
     use Operation::*;
     let ok = r.status.is_some_and(|c| (200..400).contains(&c)) && r.aborted_by().is_none();
-    s.request_failed |= request_failed(r);
+    // A blob fetch that failed is made good by a later one (the client's retry or range resume).
+    let fetch = matches!(r.operation, BlobGet | StorageGet);
+    match (fetch, r.digest.as_deref()) {
+        (true, Some(digest)) if request_failed(r) => {
+            if s.failed_fetches.len() < MAX_FAILED_FETCHES {
+                s.failed_fetches.insert(digest.into(), r.aborted_by() != Some(crate::protocol::Side::Client));
+            }
+        }
+        (true, Some(digest)) if ok && r.status.is_some_and(|c| (200..300).contains(&c)) => {
+            s.failed_fetches.remove(digest);
+        }
+        _ => s.request_failed |= request_failed(r),
+    }
     let by_tag = r.reference.as_deref().filter(|reference| !reference.contains(':'));
     match r.operation {
         ManifestPut => {

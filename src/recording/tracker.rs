@@ -145,7 +145,7 @@ impl Tracker {
         };
         for (key, mut session, settled) in over {
             if settled {
-                let failed = session.request_failed;
+                let failed = session.failed_so_far();
                 session.outcome.get_or_insert(if failed { Outcome::Failed } else { Outcome::Complete });
             }
             self.finish(key, session, !settled);
