@@ -213,7 +213,10 @@ fn check_labels(text: &str) {
     let kinds = ["connect_refused", "connect_timeout", "tls", "reset", "response_timeout", "other"];
     let phases = ["start", "transfer", "commit", "gap", "total"];
     let outcomes = ["complete", "incomplete", "failed"];
-    let parties = ["client", "registry", "transfer", "storage", "auth"];
+    // `regscope` is a party only to the time lost to failures (its own limits).
+    let parties = ["client", "registry", "transfer", "storage", "auth", "regscope"];
+    let culprits = ["client", "registry", "storage", "regscope"];
+    let causes = ["error_status", "connection_lost", "timeout", "limit"];
     let handlings = ["captured", "passed"];
     let reasons = ["queue_full", "export_failed", "rejected"];
     let mut seen = BTreeSet::new();
@@ -236,6 +239,8 @@ fn check_labels(text: &str) {
                 "phase" => phases.contains(&value),
                 "outcome" => outcomes.contains(&value),
                 "party" => parties.contains(&value),
+                "failed_by" => culprits.contains(&value),
+                "cause" => causes.contains(&value),
                 "handling" => handlings.contains(&value),
                 "reason" => reasons.contains(&value),
                 "le" => value == "+Inf" || value.parse::<f64>().is_ok(),

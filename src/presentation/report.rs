@@ -382,6 +382,52 @@ mod tests {
         }
     }
 
+    /// The fixture's layer, first cut off by the registry at 5 MB after 1 s, retried 2 s later.
+    fn retried() -> Transfer {
+        let mut t = transfer();
+        let attempt = |outcome, failed_by, bytes, start, end| crate::recording::Attempt {
+            outcome,
+            failed_by,
+            cause: failed_by.map(|_| crate::protocol::FailureCause::ConnectionLost),
+            status: Some(502),
+            bytes,
+            start,
+            end,
+            requests: vec![],
+        };
+        use crate::recording::AttemptOutcome::{Failed, Succeeded};
+        t.blobs[0].attempts = vec![
+            attempt(Failed, Some(Culprit::Registry), 5_000_000, 0.0, 1.0),
+            attempt(Succeeded, None, 37_124_367, 3.0, 10.0),
+        ];
+        t.lost.registry = 3.0;
+        t.parties.client -= 3.0;
+        t
+    }
+
+    #[test]
+    fn a_failed_attempt_and_the_wait_after_it_are_lost_to_whoever_failed() {
+        let t = retried();
+        let rows = rows(&t);
+        let row =
+            |name: &str| rows.iter().find(|r| r.operation.starts_with(name)).map(|r| (r.operation.clone(), r.seconds));
+        assert_eq!(
+            row("failed attempt"),
+            Some(("failed attempt layer 1 0123456789ab (5.0 MB): registry (connection lost, 502)".into(), 1.0))
+        );
+        assert_eq!(row("retry wait"), Some(("retry wait layer 1 0123456789ab".into(), 2.0)));
+        assert!(
+            verdict(&t).starts_with(
+                "3.0 s (30 %) lost to a registry failure at 5.0 MB and the client's retry; 52 % of this push"
+            ),
+            "{}",
+            verdict(&t)
+        );
+        let table = render(&t);
+        assert!(table.contains("lost to registry failures"), "{table}");
+        assert!(!table.contains("idle (client working)"), "the wait is not the client's:\n{table}");
+    }
+
     #[test]
     fn rows_follow_the_phases() {
         let rows = rows(&transfer());

@@ -2,6 +2,7 @@
 //! that gives every instant of a transfer to exactly one party.
 
 mod attempts;
+mod attribution;
 mod claims;
 mod manifests;
 mod model;

@@ -102,7 +102,7 @@ pub struct Transfer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<TraceId>,
     pub wall_seconds: f64,
-    /// Every instant of the wall time attributed to exactly one party (see `timeline`), except
+    /// Every instant of the wall time attributed to exactly one party (see `attribution`), except
     /// what failures cost: that is in `lost`, and the two add up to the wall time.
     pub parties: Split,
     /// Seconds lost to failed attempts and the client's waits after them, by who failed.

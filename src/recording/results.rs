@@ -4,12 +4,13 @@ use std::time::UNIX_EPOCH;
 
 use super::attempts::AttemptOutcome;
 use super::attempts::{attempt, failure, is_fetch, lost_spans as lost_spans_of, retries, split_at_failures};
+use super::attribution::attribute_with;
 use super::model::{Blob, BlobOutcome, Transfer};
 use super::phases::UploadOutcome;
 use super::phases::{is_upload_request, upload_outcome, upload_phases};
 use super::session::{Key, Session};
 use super::split::Split;
-use super::timeline::{attribute_with, RequestView};
+use super::timeline::RequestView;
 use super::HashSet;
 use crate::protocol::{Api, BlobKind, BlobRef, Operation};
 use crate::protocol::{Outcome, TransferDirection};
