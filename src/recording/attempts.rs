@@ -194,7 +194,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::body::{BodyOutcome, ExchangeSink};
+    use crate::body::{BodyOutcome, ExchangeRecord, ExchangeSink};
     use crate::protocol::{Direction, Outcome};
     use crate::recording::tests::{blob_get, body, manifest_body, manifest_get, manifest_put, record, tracker, upload};
     use crate::recording::{BlobOutcome, TrackerConfig};
@@ -250,6 +250,18 @@ mod tests {
         );
     }
 
+    /// An upload's `POST` at 0 s and its `PATCH` from 0.2 s, cut off at 1.2 s after `bytes` with
+    /// `status` and its body ended as `end`.
+    fn cut_upload(t0: Instant, status: u16, end: crate::protocol::BodyEnd, bytes: u64) -> [ExchangeRecord; 2] {
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        let mut post = record(1, Operation::UploadStart, "team/app", at(0.0), 0.1, 202);
+        post.response_info.upload_uuid = Some("u-1".into());
+        let mut patch = record(2, Operation::UploadChunk, "team/app", at(0.2), 1.0, status);
+        patch.upload_id = Some("u-1".into());
+        patch.upload = Some(BodyOutcome { end, ..body(Direction::Upload, bytes, at(0.2), at(1.2)).unwrap() });
+        [post, patch]
+    }
+
     /// A push whose layer upload the registry cut off at 1.2 s, retried after the client's 5 s
     /// wait: one blob, two attempts, the failed one and the wait lost to the registry.
     #[tokio::test(start_paused = true)]
@@ -257,14 +269,7 @@ mod tests {
         let t = tracker(TrackerConfig::default());
         let t0 = Instant::now();
         let at = |s: f64| t0 + Duration::from_secs_f64(s);
-        let mut post = record(1, Operation::UploadStart, "team/app", at(0.0), 0.1, 202);
-        post.response_info.upload_uuid = Some("u-1".into());
-        let mut patch = record(2, Operation::UploadChunk, "team/app", at(0.2), 1.0, 502);
-        patch.upload_id = Some("u-1".into());
-        patch.upload = Some(BodyOutcome {
-            end: crate::protocol::BodyEnd::SinkDropped,
-            ..body(Direction::Upload, 53_700_000, at(0.2), at(1.2)).unwrap()
-        });
+        let [post, mut patch] = cut_upload(t0, 502, crate::protocol::BodyEnd::SinkDropped, 53_700_000);
         patch.upstream_error = Some(UpstreamErrorKind::Reset);
         t.finished(post);
         t.finished(patch);
@@ -326,14 +331,7 @@ mod tests {
         let t = tracker(TrackerConfig::default());
         let t0 = Instant::now();
         let at = |s: f64| t0 + Duration::from_secs_f64(s);
-        let mut post = record(1, Operation::UploadStart, "team/app", at(0.0), 0.1, 202);
-        post.response_info.upload_uuid = Some("u-1".into());
-        let mut patch = record(2, Operation::UploadChunk, "team/app", at(0.2), 1.0, 400);
-        patch.upload_id = Some("u-1".into());
-        patch.upload = Some(BodyOutcome {
-            end: crate::protocol::BodyEnd::SourceError,
-            ..body(Direction::Upload, 1000, at(0.2), at(1.2)).unwrap()
-        });
+        let [post, patch] = cut_upload(t0, 400, crate::protocol::BodyEnd::SourceError, 1000);
         t.finished(post);
         t.finished(patch);
         t.sweep(at(200.0));

@@ -165,11 +165,15 @@ pub(super) fn manifest_get(
     digest: &str,
     body: Vec<u8>,
 ) -> ExchangeRecord {
-    let mut get = record(id, Operation::ManifestGet, repo, at, 0.01, 200);
-    get.reference = Some(reference.into());
-    get.response_info.content_digest = Some(digest.into());
-    get.captured = Some(body);
-    get
+    manifest_exchange(record(id, Operation::ManifestGet, repo, at, 0.01, 200), reference, digest, body)
+}
+
+/// A manifest request for `reference`, answered with `digest`, its body `body`.
+fn manifest_exchange(mut r: ExchangeRecord, reference: &str, digest: &str, body: Vec<u8>) -> ExchangeRecord {
+    r.reference = Some(reference.into());
+    r.response_info.content_digest = Some(digest.into());
+    r.captured = Some(body);
+    r
 }
 
 pub(super) fn blob_get(id: u64, repo: &str, at: Instant, digest: &str, bytes: u64) -> ExchangeRecord {
@@ -359,11 +363,7 @@ pub(super) fn manifest_put(
     digest: &str,
     body: Vec<u8>,
 ) -> ExchangeRecord {
-    let mut put = record(id, Operation::ManifestPut, repo, at, 0.01, 201);
-    put.reference = Some(reference.into());
-    put.response_info.content_digest = Some(digest.into());
-    put.captured = Some(body);
-    put
+    manifest_exchange(record(id, Operation::ManifestPut, repo, at, 0.01, 201), reference, digest, body)
 }
 
 #[tokio::test(start_paused = true)]
