@@ -11,7 +11,7 @@ use super::phases::{is_upload_request, upload_outcome, upload_phases};
 use super::session::{Key, Session};
 use super::split::Split;
 use super::timeline::RequestView;
-use super::HashSet;
+use super::{HashMap, HashSet};
 use crate::protocol::{Api, BlobKind, BlobRef, Operation};
 use crate::protocol::{Outcome, TransferDirection};
 
@@ -242,9 +242,10 @@ pub(crate) fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<
             blob.outcome = BlobOutcome::Fetched;
         }
     }
+    let by_id: HashMap<u64, &RequestView> = requests.iter().map(|r| (r.id, r)).collect();
     for blob in &mut blobs {
         let fetches: Vec<&RequestView> =
-            requests.iter().filter(|r| is_fetch(r.operation) && blob.requests.contains(&r.id)).collect();
+            blob.requests.iter().filter_map(|id| by_id.get(id).copied()).filter(|r| is_fetch(r.operation)).collect();
         blob.attempts = download_attempts(&fetches);
     }
     blobs
