@@ -272,7 +272,6 @@ impl State {
                 evicted = Some(self.remove_image(oldest));
             }
         }
-        self.held_requests += session.records.len();
         self.next_slot += 1;
         let mut image = Image { key: key.clone(), session, manifests, slot: self.next_slot };
         if let Some(refs) = &refs {

@@ -408,6 +408,7 @@ async fn concurrent_pushes_to_one_repository_are_one_transfer_each() {
     let done = t.recent(10);
     assert_eq!(done.len(), 2);
     assert!(t.lock().open.is_empty() && t.lock().images.is_empty(), "nothing left open");
+    assert_eq!(t.lock().held_requests, 0, "claimed requests are counted once");
     let (b, a) = (&done[0], &done[1]);
     assert_eq!((a.tag.as_deref(), a.outcome, a.bytes), (Some("a"), Outcome::Complete, 1507));
     assert_eq!(
@@ -468,6 +469,7 @@ async fn a_multi_platform_push_is_one_transfer() {
         (Some("multi"), Outcome::Complete, 210, 4)
     );
     assert_eq!(push.requests.len(), 15, "every upload and all three manifests");
+    assert_eq!(t.lock().held_requests, 0, "merged requests are counted once");
 }
 
 #[tokio::test(start_paused = true)]
