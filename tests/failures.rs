@@ -96,6 +96,13 @@ fn a_push_the_registry_cut_off_mid_layer_loses_the_retry_wait_to_the_registry() 
     assert!(table.contains("lost to a registry failure at"), "the verdict names the failure:\n{table}");
     assert!(table.contains("failed attempt layer"), "the failed attempt has its row:\n{table}");
     assert!(!idle_covers(table, backoff), "the wait is not the client's idle time:\n{table}");
+    // The waterfall draws the failed requests as such and the wait as lost to the registry; the
+    // page's layer row says the layer needed a retry.
+    let svg = http_get(admin, &format!("/transfers/{}.svg", push.id)).text();
+    assert!(svg.contains(r#"class="request failed""#) && svg.contains(r#"data-failed-by="registry""#), "{svg}");
+    assert!(svg.contains(r#"class="retry-wait" data-culprit="registry""#), "no retry wait drawn:\n{svg}");
+    let page = http_get(admin, &format!("/transfers/{}", push.id)).text();
+    assert!(page.contains("after 1 failed attempt (registry)"), "{page}");
     let metrics = regscope.metrics_text();
     let failed = [("direction", "push"), ("failed_by", "registry")];
     assert!(metric_sum(&metrics, "regscope_failed_attempts_total", &failed) >= 1.0);
