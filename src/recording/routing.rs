@@ -289,3 +289,154 @@ pub(super) enum Target {
     /// A manifest that opens an image of its own (a push's `PUT`, a pull's first answer).
     NewImage,
 }
+
+/// Concurrent transfers of one repository from one client, on scripted requests.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use crate::body::ExchangeSink;
+    use crate::protocol::Outcome;
+    use crate::recording::tests::{blob_get, manifest_body, manifest_get, manifest_put, outcomes, tracker, upload};
+    use crate::recording::{BlobOutcome, TrackerConfig};
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_pushes_to_one_repository_are_one_transfer_each() {
+        let t = tracker(TrackerConfig::default());
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        let mut a = upload(1, "team/app", at(0.0), "sha256:a1", 1000);
+        a.extend(upload(4, "team/app", at(0.1), "sha256:ca", 7));
+        // B's layer is still uploading when A's manifest arrives: only its POST is over.
+        let mut b = upload(11, "team/app", at(0.05), "sha256:b1", 2000);
+        let b_rest = b.split_off(1);
+        // Both name the base layer `s`; A uploaded it.
+        a.extend(upload(21, "team/app", at(0.2), "sha256:s", 500));
+        for r in b.into_iter().chain(a) {
+            t.finished(r);
+        }
+        t.finished(manifest_put(
+            30,
+            "team/app",
+            at(0.5),
+            "a",
+            "sha256:ma",
+            manifest_body("sha256:ca", &["sha256:s", "sha256:a1"]),
+        ));
+        let done = t.recent(10);
+        assert_eq!(done.len(), 1, "A is over; B is not");
+        for r in b_rest {
+            t.finished(r);
+        }
+        for r in upload(40, "team/app", at(0.7), "sha256:cb", 9) {
+            t.finished(r);
+        }
+        t.finished(manifest_put(
+            50,
+            "team/app",
+            at(0.9),
+            "b",
+            "sha256:mb",
+            manifest_body("sha256:cb", &["sha256:s", "sha256:b1"]),
+        ));
+        let done = t.recent(10);
+        assert_eq!(done.len(), 2);
+        assert!(t.lock().open.is_empty() && t.lock().images.is_empty(), "nothing left open");
+        assert_eq!(t.lock().held_requests, 0, "claimed requests are counted once");
+        let (b, a) = (&done[0], &done[1]);
+        assert_eq!((a.tag.as_deref(), a.outcome, a.bytes), (Some("a"), Outcome::Complete, 1507));
+        assert_eq!(
+            outcomes(a),
+            [
+                ("sha256:a1".into(), BlobOutcome::Committed, 1000, Some(200)),
+                ("sha256:ca".into(), BlobOutcome::Committed, 7, Some(7)),
+                ("sha256:s".into(), BlobOutcome::Committed, 500, Some(100)),
+            ]
+        );
+        assert_eq!((b.tag.as_deref(), b.outcome, b.bytes), (Some("b"), Outcome::Complete, 2009));
+        assert_eq!(
+            outcomes(b),
+            [
+                ("sha256:b1".into(), BlobOutcome::Committed, 2000, Some(200)),
+                ("sha256:cb".into(), BlobOutcome::Committed, 9, Some(7)),
+                ("sha256:s".into(), BlobOutcome::Present, 0, Some(100)),
+            ]
+        );
+        assert!(
+            b.wall_seconds < 0.95 && b.wall_seconds > 0.85,
+            "B starts at its own first request: {}",
+            b.wall_seconds
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_multi_platform_push_is_one_transfer() {
+        let t = tracker(TrackerConfig::default());
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        for (n, platform) in ["amd64", "arm64"].iter().enumerate() {
+            let id = 100 * (n as u64 + 1);
+            let (layer, config, digest) =
+                (format!("sha256:l-{platform}"), format!("sha256:c-{platform}"), format!("sha256:m-{platform}"));
+            for r in upload(id, "team/app", at(n as f64), &layer, 100).into_iter().chain(upload(
+                id + 3,
+                "team/app",
+                at(n as f64),
+                &config,
+                5,
+            )) {
+                t.finished(r);
+            }
+            t.finished(manifest_put(
+                id + 10,
+                "team/app",
+                at(n as f64 + 0.5),
+                &digest,
+                &digest,
+                manifest_body(&config, &[&layer]),
+            ));
+            assert!(t.recent(10).is_empty(), "a platform manifest by digest waits for its index");
+        }
+        let index = br#"{"manifests":[{"digest":"sha256:m-amd64","size":1},{"digest":"sha256:m-arm64","size":1}]}"#;
+        t.finished(manifest_put(300, "team/app", at(2.0), "multi", "sha256:idx", index.to_vec()));
+        let done = t.recent(10);
+        assert_eq!(done.len(), 1, "one push");
+        let push = &done[0];
+        assert_eq!(
+            (push.tag.as_deref(), push.outcome, push.bytes, push.blobs.len()),
+            (Some("multi"), Outcome::Complete, 210, 4)
+        );
+        assert_eq!(push.requests.len(), 15, "every upload and all three manifests");
+        assert_eq!(t.lock().held_requests, 0, "merged requests are counted once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_pulls_of_one_repository_are_one_transfer_each() {
+        let t = tracker(TrackerConfig::default());
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        t.finished(manifest_get(1, "team/app", at(0.0), "a", "sha256:ma", manifest_body("sha256:ca", &["sha256:a1"])));
+        t.finished(manifest_get(
+            2,
+            "team/app",
+            at(0.0),
+            "b",
+            "sha256:mb",
+            manifest_body("sha256:cb", &["sha256:b1", "sha256:b2"]),
+        ));
+        t.finished(blob_get(3, "team/app", at(0.1), "sha256:cb", 7));
+        t.finished(blob_get(4, "team/app", at(0.1), "sha256:ca", 7));
+        t.finished(blob_get(5, "team/app", at(0.2), "sha256:b1", 100));
+        t.finished(blob_get(6, "team/app", at(0.2), "sha256:a1", 100));
+        let done = t.recent(10);
+        assert_eq!(done.len(), 1, "A has all it names; B still lacks a layer");
+        assert_eq!((done[0].tag.as_deref(), done[0].bytes, done[0].outcome), (Some("a"), 107, Outcome::Complete));
+        t.finished(blob_get(7, "team/app", at(0.3), "sha256:b2", 200));
+        let done = t.recent(10);
+        assert_eq!(done.len(), 2);
+        assert_eq!((done[0].tag.as_deref(), done[0].bytes, done[0].outcome), (Some("b"), 307, Outcome::Complete));
+        assert_eq!(outcomes(&done[0]).len(), 3);
+    }
+}
