@@ -83,7 +83,7 @@ pub(crate) struct LostSpan {
 
 /// Whether a request failed as far as its blob is concerned, and if so whose doing it was and
 /// how. A 401 is the challenge before a token, not a failure.
-pub(crate) fn failure(r: &RequestView) -> Option<(Culprit, FailureCause)> {
+fn failure(r: &RequestView) -> Option<(Culprit, FailureCause)> {
     let upstream = match r.operation.upstream() {
         crate::protocol::Party::Storage => Culprit::Storage,
         _ => Culprit::Registry,
@@ -113,7 +113,7 @@ pub(crate) fn failure(r: &RequestView) -> Option<(Culprit, FailureCause)> {
 
 /// The attempt its requests make: `delivered` says whether it committed or delivered the blob,
 /// `bytes` what it moved. A failed attempt takes who ended it from its first failed request.
-pub(crate) fn attempt(requests: &[&RequestView], delivered: bool, bytes: u64) -> Attempt {
+fn attempt(requests: &[&RequestView], delivered: bool, bytes: u64) -> Attempt {
     let first_failure = requests.iter().find_map(|r| failure(r));
     let last = requests.iter().max_by(|a, b| a.end.total_cmp(&b.end));
     let ending = requests.iter().find(|r| failure(r).is_some()).or(last);
@@ -131,7 +131,7 @@ pub(crate) fn attempt(requests: &[&RequestView], delivered: bool, bytes: u64) ->
 }
 
 /// Splits one blob's requests (in order of start) into attempts: a failed request ends one.
-pub(crate) fn split_at_failures<'a>(requests: &[&'a RequestView]) -> Vec<Vec<&'a RequestView>> {
+fn split_at_failures<'a>(requests: &[&'a RequestView]) -> Vec<Vec<&'a RequestView>> {
     let mut attempts: Vec<Vec<&RequestView>> = Vec::new();
     let mut current = Vec::new();
     for &r in requests {
@@ -146,29 +146,84 @@ pub(crate) fn split_at_failures<'a>(requests: &[&'a RequestView]) -> Vec<Vec<&'a
     attempts
 }
 
-/// For a push's uploads in order of start, which earlier upload each one retries: `failed` says
-/// which failed without naming their blob, `ended` when each ended, `moved` the bytes each moved
-/// and `size` the size of the blob each names (when known). Returns, for each upload, the index
-/// of the upload it retries.
-pub(crate) fn retries(
-    failed: &[bool],
-    ended: &[f64],
-    started: &[f64],
-    moved: &[u64],
-    size: &[Option<u64>],
-) -> Vec<Option<usize>> {
+/// What the retry rule needs to know of one upload.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UploadTry {
+    /// It failed without naming its blob: some later upload is its retry.
+    pub unnamed_failure: bool,
+    pub start: f64,
+    pub end: f64,
+    /// Body bytes it moved.
+    pub moved: u64,
+    /// The declared size of the blob it names, when known.
+    pub size: Option<u64>,
+}
+
+/// For a push's uploads in order of start, the index of the earlier upload each one retries.
+pub(crate) fn retries(uploads: &[UploadTry]) -> Vec<Option<usize>> {
     let mut waiting: Vec<usize> = Vec::new();
-    let mut retry_of = vec![None; failed.len()];
-    for i in 0..failed.len() {
-        let fits = |&&w: &&usize| ended[w] <= started[i] && size[i].is_none_or(|size| moved[w] <= size);
-        if let Some(pos) = waiting.iter().position(|w| fits(&w)) {
+    let mut retry_of = vec![None; uploads.len()];
+    for (i, u) in uploads.iter().enumerate() {
+        let fits = |&w: &usize| uploads[w].end <= u.start && u.size.is_none_or(|size| uploads[w].moved <= size);
+        if let Some(pos) = waiting.iter().position(fits) {
             retry_of[i] = Some(waiting.remove(pos));
         }
-        if failed[i] {
+        if u.unnamed_failure {
             waiting.push(i);
         }
     }
     retry_of
+}
+
+/// The uploads of each blob, in order: its first upload, then the ones that retried it.
+pub(crate) fn retry_chains(uploads: &[UploadTry]) -> Vec<Vec<usize>> {
+    let mut chains: Vec<Vec<usize>> = Vec::new();
+    let mut chain_of = vec![0; uploads.len()];
+    for (i, earlier) in retries(uploads).into_iter().enumerate() {
+        chain_of[i] = match earlier {
+            Some(earlier) => chain_of[earlier],
+            None => {
+                chains.push(Vec::new());
+                chains.len() - 1
+            }
+        };
+        chains[chain_of[i]].push(i);
+    }
+    chains
+}
+
+/// One upload's attempts: it split at its failed requests, the last one delivered if the upload
+/// committed (or mounted) the blob.
+pub(crate) fn upload_attempts(requests: &[&RequestView], committed: bool, out: &mut Vec<Attempt>) {
+    let parts = split_at_failures(requests);
+    let n = parts.len();
+    for (k, part) in parts.iter().enumerate() {
+        let bytes = part.iter().map(|r| r.bytes_in()).sum();
+        out.push(attempt(part, committed && k + 1 == n, bytes));
+    }
+}
+
+/// A blob's downloads (in order of start) as attempts: a redirect and the storage request that
+/// follows are one; a request that failed, or delivered with a 2xx, ends one.
+pub(crate) fn download_attempts(fetches: &[&RequestView]) -> Vec<Attempt> {
+    let mut attempts = Vec::new();
+    let mut current: Vec<&RequestView> = Vec::new();
+    for &r in fetches {
+        current.push(r);
+        let failed = failure(r).is_some();
+        let redirect = r.status.is_some_and(|s| (300..400).contains(&s)) && !failed;
+        if !redirect {
+            let delivered = !failed && r.status.is_some_and(|s| (200..300).contains(&s));
+            let bytes = current.iter().map(|r| r.bytes_out()).sum();
+            attempts.push(attempt(&current, delivered, bytes));
+            current.clear();
+        }
+    }
+    if !current.is_empty() {
+        let bytes = current.iter().map(|r| r.bytes_out()).sum();
+        attempts.push(attempt(&current, false, bytes));
+    }
+    attempts
 }
 
 /// The stretches lost to each failed attempt of one blob (attempts in order): from its start to
@@ -237,17 +292,20 @@ mod tests {
     fn a_failed_upload_is_retried_by_the_next_that_fits() {
         // Uploads in order of start: two fail together (3 MB and 40 MB moved), then three start
         // after: a 10 MB blob (too small for the 40 MB failure), a 50 MB one, and one more.
-        let failed = [true, true, false, false, false];
-        let started = [0.0, 0.0, 7.0, 7.1, 7.2];
-        let ended = [1.2, 1.2, 9.0, 12.0, 8.0];
-        let moved = [3 << 20, 40 << 20, 10 << 20, 50 << 20, 1 << 20];
-        let size = [None, None, Some(10 << 20), Some(50 << 20), Some(1 << 20)];
-        assert_eq!(retries(&failed, &ended, &started, &moved, &size), [None, None, Some(0), Some(1), None]);
+        let up = |unnamed_failure, start, end, moved, size| UploadTry { unnamed_failure, start, end, moved, size };
+        let uploads = [
+            up(true, 0.0, 1.2, 3 << 20, None),
+            up(true, 0.0, 1.2, 40 << 20, None),
+            up(false, 7.0, 9.0, 10 << 20, Some(10 << 20)),
+            up(false, 7.1, 12.0, 50 << 20, Some(50 << 20)),
+            up(false, 7.2, 8.0, 1 << 20, Some(1 << 20)),
+        ];
+        assert_eq!(retries(&uploads), [None, None, Some(0), Some(1), None]);
+        assert_eq!(retry_chains(&uploads), [vec![0, 2], vec![1, 3], vec![4]]);
         // A failure retried by another failure, then by a success: one chain.
-        assert_eq!(
-            retries(&[true, true, false], &[1.0, 3.0, 9.0], &[0.0, 2.0, 4.0], &[5, 5, 9], &[None, None, Some(9)]),
-            [None, Some(0), Some(1)]
-        );
+        let chained = [up(true, 0.0, 1.0, 5, None), up(true, 2.0, 3.0, 5, None), up(false, 4.0, 9.0, 9, Some(9))];
+        assert_eq!(retries(&chained), [None, Some(0), Some(1)]);
+        assert_eq!(retry_chains(&chained), [vec![0, 1, 2]]);
     }
 
     /// An upload's `POST` at 0 s and its `PATCH` from 0.2 s, cut off at 1.2 s after `bytes` with

@@ -3,7 +3,9 @@
 use std::time::UNIX_EPOCH;
 
 use super::attempts::AttemptOutcome;
-use super::attempts::{attempt, failure, is_fetch, lost_spans as lost_spans_of, retries, split_at_failures};
+use super::attempts::{
+    download_attempts, is_fetch, lost_spans as lost_spans_of, retry_chains, upload_attempts, UploadTry,
+};
 use super::attribution::attribute_with;
 use super::model::{Blob, BlobOutcome, Transfer};
 use super::phases::UploadOutcome;
@@ -130,58 +132,44 @@ pub(crate) fn push_blobs(requests: &[RequestView], expected: &[BlobRef], idle_cl
             .filter(|r| matches!(r.operation, Operation::UploadFinish | Operation::BlobMount))
             .find_map(|r| r.digest.clone())
     };
-    let digests: Vec<Option<String>> = groups.iter().map(|(g, m)| digest_of(g, m)).collect();
-    let outcomes: Vec<UploadOutcome> = groups.iter().map(|(_, m)| upload_outcome(m, idle_closed)).collect();
-    let moved: Vec<u64> = groups.iter().map(|(_, m)| m.iter().map(|r| r.bytes_in()).sum()).collect();
-    let failed: Vec<bool> =
-        (0..groups.len()).map(|i| outcomes[i] == UploadOutcome::Failed && digests[i].is_none()).collect();
-    let started: Vec<f64> =
-        groups.iter().map(|(_, m)| m.iter().map(|r| r.start).fold(f64::INFINITY, f64::min)).collect();
-    let ended: Vec<f64> = groups.iter().map(|(_, m)| m.iter().map(|r| r.end).fold(0.0, f64::max)).collect();
-    let sizes: Vec<Option<u64>> = digests.iter().map(|d| kind_and_size(expected, d.as_deref()).1).collect();
-    let retry_of = retries(&failed, &ended, &started, &moved, &sizes);
-    // Each upload's chain: the first upload of the blob it ended up moving, and in order after it
-    // the uploads that retried it.
-    let mut chains: Vec<Vec<usize>> = Vec::new();
-    let mut chain_of = vec![0; groups.len()];
-    for i in 0..groups.len() {
-        match retry_of[i] {
-            Some(earlier) => {
-                chain_of[i] = chain_of[earlier];
-                chains[chain_of[i]].push(i);
-            }
-            None => {
-                chain_of[i] = chains.len();
-                chains.push(vec![i]);
-            }
-        }
-    }
-    chains
+    let uploads: Vec<Upload> = groups
+        .iter()
+        .map(|(group, members)| {
+            let digest = digest_of(group, members);
+            let outcome = upload_outcome(members, idle_closed);
+            Upload { members, size: kind_and_size(expected, digest.as_deref()).1, digest, outcome }
+        })
+        .collect();
+    let tries: Vec<UploadTry> = uploads
+        .iter()
+        .map(|u| UploadTry {
+            unnamed_failure: u.outcome == UploadOutcome::Failed && u.digest.is_none(),
+            start: u.members.iter().map(|r| r.start).fold(f64::INFINITY, f64::min),
+            end: u.members.iter().map(|r| r.end).fold(0.0, f64::max),
+            moved: u.members.iter().map(|r| r.bytes_in()).sum(),
+            size: u.size,
+        })
+        .collect();
+    retry_chains(&tries)
         .into_iter()
         .map(|chain| {
-            let last = *chain.last().expect("a chain has an upload");
-            let members = &groups[last].1;
-            let phases = upload_phases(members);
-            let digest = digests[last].clone();
-            let (kind, declared_size) = kind_and_size(expected, digest.as_deref());
-            let all: Vec<&RequestView> = chain.iter().flat_map(|&i| groups[i].1.iter().copied()).collect();
+            let (earlier, last) = chain.split_at(chain.len() - 1);
+            let last = &uploads[last[0]];
+            let phases = upload_phases(last.members);
+            let digest = last.digest.clone();
+            let all: Vec<&RequestView> = chain.iter().flat_map(|&i| uploads[i].members.iter().copied()).collect();
             let mut attempts = Vec::new();
             for &i in &chain {
-                let parts = split_at_failures(&groups[i].1);
-                let delivered = matches!(outcomes[i], UploadOutcome::Committed | UploadOutcome::Mounted);
-                let n = parts.len();
-                for (k, part) in parts.iter().enumerate() {
-                    let bytes = part.iter().map(|r| r.bytes_in()).sum();
-                    attempts.push(attempt(part, delivered && k + 1 == n, bytes));
-                }
+                let committed = matches!(uploads[i].outcome, UploadOutcome::Committed | UploadOutcome::Mounted);
+                upload_attempts(uploads[i].members, committed, &mut attempts);
             }
             Blob {
-                kind,
-                declared_size,
+                kind: kind_and_size(expected, digest.as_deref()).0,
+                declared_size: last.size,
                 layer: layer_number(expected, digest.as_deref()),
                 // The last upload's transfer phase, and what the failed ones before it moved.
-                bytes: phases.bytes + chain[..chain.len() - 1].iter().map(|&i| moved[i]).sum::<u64>(),
-                outcome: outcomes[last].into(),
+                bytes: phases.bytes + earlier.iter().map(|&i| tries[i].moved).sum::<u64>(),
+                outcome: last.outcome.into(),
                 start: all.iter().map(|r| r.start).fold(f64::INFINITY, f64::min),
                 end: all.iter().map(|r| r.end).fold(0.0, f64::max),
                 split: phases.transfer_split,
@@ -193,6 +181,14 @@ pub(crate) fn push_blobs(requests: &[RequestView], expected: &[BlobRef], idle_cl
             }
         })
         .collect()
+}
+
+/// One upload of a push: its requests, the blob its commit names, how it ended.
+struct Upload<'a> {
+    members: &'a [&'a RequestView],
+    digest: Option<String>,
+    size: Option<u64>,
+    outcome: UploadOutcome,
 }
 
 /// Pull: one blob per fetched digest (v1: per image, json then layer).
@@ -249,28 +245,6 @@ pub(crate) fn pull_blobs(requests: &[RequestView], expected: &[BlobRef]) -> Vec<
         blob.attempts = download_attempts(&fetches);
     }
     blobs
-}
-
-/// A blob's downloads as attempts: a redirect and the storage request that follows are one; a
-/// request that failed, or delivered with a 2xx, ends one.
-fn download_attempts(fetches: &[&RequestView]) -> Vec<super::attempts::Attempt> {
-    let mut attempts = Vec::new();
-    let mut current: Vec<&RequestView> = Vec::new();
-    for &r in fetches {
-        current.push(r);
-        let redirect = r.status.is_some_and(|s| (300..400).contains(&s)) && failure(r).is_none();
-        if !redirect {
-            let delivered = failure(r).is_none() && r.status.is_some_and(|s| (200..300).contains(&s));
-            let bytes = current.iter().map(|r| r.bytes_out()).sum();
-            attempts.push(attempt(&current, delivered, bytes));
-            current.clear();
-        }
-    }
-    if !current.is_empty() {
-        let bytes = current.iter().map(|r| r.bytes_out()).sum();
-        attempts.push(attempt(&current, false, bytes));
-    }
-    attempts
 }
 
 /// A complete transfer's blobs that its manifest names and it did not move: the other side had
