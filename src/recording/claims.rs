@@ -7,6 +7,7 @@
 //! naming their blob, since they were part of whichever image came next. An upload still going
 //! and the blobs of other images stay in the pool for their own manifest.
 
+use super::session::request_failed;
 use super::HashMap;
 use crate::body::ExchangeRecord;
 use crate::protocol::Operation;
@@ -14,11 +15,6 @@ use crate::protocol::Operation;
 /// The upload a request belongs to: its path names it, or (a `POST`) its answer's `Location`.
 pub(crate) fn upload_of(r: &ExchangeRecord) -> Option<&str> {
     r.upload_id.as_deref().or(r.response_info.upload_uuid.as_deref())
-}
-
-/// Whether a request ended without success: an error status, or a body cut off.
-fn failed(r: &ExchangeRecord) -> bool {
-    r.aborted_by().is_some() || r.status.is_none_or(|status| status >= 400)
 }
 
 /// What a pool's requests say of one upload.
@@ -41,11 +37,11 @@ pub(crate) fn push_claims(records: &[ExchangeRecord], wants: impl Fn(&str) -> bo
     for r in records {
         let Some(id) = upload_of(r) else { continue };
         let upload = uploads.entry(id).or_default();
-        upload.dead |= r.operation == Operation::UploadCancel || failed(r);
+        upload.dead |= r.operation == Operation::UploadCancel || request_failed(r);
         if matches!(r.operation, Operation::UploadFinish | Operation::UploadStartMonolithic | Operation::BlobMount) {
             if let Some(digest) = r.digest.as_deref() {
                 upload.named = Some(digest);
-                if !failed(r) {
+                if !request_failed(r) {
                     upload.committed = true;
                     first_commit.entry(digest).or_insert(id);
                 }
