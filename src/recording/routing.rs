@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::claims::{pull_claims, push_claims, take};
 use super::manifests::{manifest_digest, KnownManifests};
 use super::model::Transfer;
-use super::session::{direction_of, expect, is_v1_image_op, request_failed, Image, Key, Session};
+use super::session::{direction_of, expect, is_v1_image_op, request_failed, Image, Key, Session, Want};
 use super::tracker::TrackerConfig;
 use super::HashMap;
 use crate::body::ExchangeRecord;
@@ -102,7 +102,7 @@ impl State {
                 let digest = r.digest.as_deref()?;
                 // The first image that still needs it, else one that has it, else a candidate.
                 let (n, want) = ours.map(|(n, i)| (n, i.wants_blob(digest))).rev().max_by_key(|&(_, w)| w)?;
-                (want > 0).then_some(n)
+                (want > Want::No).then_some(n)
             }
             _ => None,
         }

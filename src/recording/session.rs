@@ -61,22 +61,33 @@ impl Image {
             && digest.is_none_or(|d| self.manifests.first().is_none_or(|m| &**m == d))
     }
 
-    /// How much this image wants a fetch of the blob `digest`: 3 if it names it and has not
-    /// fetched it, 2 if it fetched it already, 1 if only a platform manifest it may pull does.
-    pub(crate) fn wants_blob(&self, digest: &str) -> u8 {
+    /// How much this image wants a fetch of the blob `digest`.
+    pub(crate) fn wants_blob(&self, digest: &str) -> Want {
         let s = &self.session;
         if s.expected.iter().any(|b| b.digest == digest) {
             if s.fetched.contains(digest) {
-                2
+                Want::Fetched
             } else {
-                3
+                Want::Needed
             }
         } else if s.candidates.iter().any(|c| c.blobs.iter().any(|b| b.digest == digest)) {
-            1
+            Want::Candidate
         } else {
-            0
+            Want::No
         }
     }
+}
+
+/// How much an image wants a blob fetch, least first: a fetch goes to the image that wants it most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Want {
+    No,
+    /// Only a platform manifest it may pull names it.
+    Candidate,
+    /// It names it and fetched it already.
+    Fetched,
+    /// It names it and has not fetched it.
+    Needed,
 }
 
 /// A transfer in progress.

@@ -330,8 +330,9 @@ impl ExchangeSink for Tracker {
                     None => over.extend(state.remove(&key).map(|session| (key.clone(), session, false))),
                 }
             }
-            // A pool whose requests a manifest claimed closes quietly.
-            if image.is_some() {
+            // A pool whose requests a manifest claimed (or that the request left for an image)
+            // closes quietly; a request counted in an image on the wire left no pool behind.
+            if image.is_some() && counted_in.is_none() {
                 state.drop_if_hollow(&key);
             }
         }
