@@ -6,8 +6,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use regscope::{AttemptOutcome, BlobOutcome, Culprit, LiveTransfer, Operation, Outcome, TransferDirection};
+use support::relay::{Relay, Shape};
 use support::replay::{
     assert_shares_add_up, manifest_blobs, pretty, registry_manifest, report_table, report_text, wait_for_transfer,
 };
@@ -121,76 +121,14 @@ fn idle_covers(table: &str, wait: f64) -> bool {
 
 /// A relay between regscope and the registry that cuts the first response to a `GET` of the blob
 /// `digest` after `keep` bytes: the registry's connection going away mid-body.
-struct CuttingRelay {
-    addr: SocketAddr,
-}
-
-impl CuttingRelay {
-    fn start(target: SocketAddr, digest: String, keep: usize) -> CuttingRelay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut_once = Arc::new(AtomicBool::new(false));
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(target) else { continue };
-                relay(client, server, digest.clone(), keep, cut_once.clone());
-            }
-        });
-        CuttingRelay { addr }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-fn relay(client: TcpStream, server: TcpStream, digest: String, keep: usize, cut_once: Arc<AtomicBool>) {
-    let cutting = Arc::new(AtomicBool::new(false));
-    let (mut client_in, mut server_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-    let flag = cutting.clone();
-    thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n) = client_in.read(&mut buf) {
-            if n == 0 || server_out.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            if head.starts_with("GET ")
-                && head.contains(&format!("/blobs/{digest}"))
-                && !cut_once.swap(true, Ordering::SeqCst)
-            {
-                flag.store(true, Ordering::SeqCst);
-            }
-        }
-        let _ = server_out.shutdown(std::net::Shutdown::Write);
-    });
-    let (mut server_in, mut client_out) = (server, client);
-    thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        // Bytes of the response being cut sent so far: counted from when its request went by.
-        let mut sent: Option<usize> = None;
-        while let Ok(n) = server_in.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            if sent.is_none() && cutting.load(Ordering::SeqCst) {
-                sent = Some(0);
-            }
-            let n = sent.map_or(n, |sent| n.min(keep - sent));
-            if client_out.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            if let Some(sent) = &mut sent {
-                *sent += n;
-                if *sent >= keep {
-                    break;
-                }
-            }
-        }
-        let _ = client_out.shutdown(std::net::Shutdown::Both);
-        let _ = server_in.shutdown(std::net::Shutdown::Both);
-    });
+fn cutting_relay(target: SocketAddr, digest: String, keep: usize) -> Relay {
+    let cut = AtomicBool::new(false);
+    let first_get = move |sent: &[u8]| {
+        let head = String::from_utf8_lossy(sent);
+        let ours = head.starts_with("GET ") && head.contains(&format!("/blobs/{digest}"));
+        (ours && !cut.swap(true, Ordering::SeqCst)).then_some(Shape::CutAfter(keep))
+    };
+    Relay::start(target, Arc::new(first_get))
 }
 
 #[test]
@@ -207,7 +145,7 @@ fn a_pull_whose_blob_download_was_cut_joins_the_retry_to_the_same_blob() {
     let stored = manifest_blobs(&registry_manifest(registry.addr(), REPOSITORY, "v1"));
     let (big, big_size) = stored.iter().max_by_key(|(_, size)| *size).unwrap().clone();
     let cut_at = 5 << 20;
-    let relay = CuttingRelay::start(registry.addr(), big.clone(), cut_at);
+    let relay = cutting_relay(registry.addr(), big.clone(), cut_at);
     let regscope = Regscope::start(&["--upstream", &relay.url(), "--transfer-idle-timeout", "60s"]);
     let admin = regscope.admin_addr();
     let reference = format!("{}/{REPOSITORY}:v1", regscope.proxy_addr());

@@ -18,6 +18,7 @@ pub mod otlp;
 mod process;
 mod registry;
 mod regscope;
+pub mod relay;
 pub mod replay;
 mod storage;
 pub mod timing;

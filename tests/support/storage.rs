@@ -5,11 +5,13 @@
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::client::Conn;
 use super::net::{free_port, wait_for_tcp};
 use super::process::TempDir;
+use super::relay::{Relay, Shape};
 
 /// Where `script/test` installed moto: `DIR/venv/bin/moto_server`.
 const DIR_VAR: &str = "REGSCOPE_TEST_MOTO_DIR";
@@ -74,68 +76,22 @@ impl Drop for ObjectStorage {
     }
 }
 
-/// A TCP relay in front of an S3 server that holds back the response to every presigned request
+/// A relay in front of an S3 server that holds back the response to every presigned request
 /// (query-signed, as clients send them after a redirect) by a fixed delay: slow storage of a
 /// known slowness, while the registry's own storage calls pass at full speed.
 pub struct SlowStorage {
-    addr: SocketAddr,
+    relay: Relay,
 }
 
 impl SlowStorage {
     pub fn start(target: SocketAddr, delay: Duration) -> SlowStorage {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = std::net::TcpStream::connect(target) else { continue };
-                relay(client, server, delay);
-            }
-        });
-        SlowStorage { addr }
+        let presigned =
+            move |sent: &[u8]| sent.windows(16).any(|w| w == b"X-Amz-Signature=").then_some(Shape::Delay(delay));
+        SlowStorage { relay: Relay::start(target, Arc::new(presigned)) }
     }
 
     /// `http://127.0.0.1:PORT`: the registry's `regionendpoint`, so presigned URLs name the relay.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.relay.url()
     }
-}
-
-/// Copies both ways; a response to a request whose head carried `X-Amz-Signature=` starts
-/// `delay` after the storage started sending it.
-fn relay(client: std::net::TcpStream, server: std::net::TcpStream, delay: Duration) {
-    use std::io::{Read, Write};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    let presigned = Arc::new(AtomicBool::new(false));
-    let (mut client_in, mut server_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-    let flag = Arc::clone(&presigned);
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n) = client_in.read(&mut buf) {
-            if n == 0 || server_out.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            if buf[..n].windows(16).any(|w| w == b"X-Amz-Signature=") {
-                flag.store(true, Ordering::SeqCst);
-            }
-        }
-        let _ = server_out.shutdown(std::net::Shutdown::Write);
-    });
-    let (mut server_in, mut client_out) = (server, client);
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n) = server_in.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            if presigned.swap(false, Ordering::SeqCst) {
-                std::thread::sleep(delay);
-            }
-            if client_out.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = client_out.shutdown(std::net::Shutdown::Write);
-    });
 }
