@@ -1,13 +1,15 @@
 //! One request's timeline, and what it records when it is over.
 //!
-//! An [`Exchange`] is shared (`Arc`) by the handler and the two timed bodies. Each of them
-//! writes its part once (`OnceLock`); the last one to let go triggers `Drop`, which records
-//! the metrics, writes the one log event, and hands the finished [`ExchangeRecord`] to the
-//! transfer tracker. So a request is recorded exactly once, however it ended.
+//! An [`Exchange`] is shared (`Arc`) by the handler and the two timed bodies: one allocation
+//! per request. What they learn as it goes on is written under one lock, a few times per
+//! exchange and never per frame (first write wins); the last one to let go triggers `Drop`,
+//! which records the metrics, writes the one log event, and hands the finished
+//! [`ExchangeRecord`] to the transfer tracker. So a request is recorded exactly once, however it
+//! ended.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use http::Method;
@@ -15,6 +17,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::outcome::{BodyOutcome, BodyRecorder};
+use crate::limits::admission::Progress;
 use crate::limits::buffers::Stream;
 use crate::metrics::{Metrics, THROUGHPUT_MIN_BYTES};
 use crate::protocol::{Api, Operation, Route};
@@ -73,6 +76,32 @@ pub(crate) struct ResponseInfo {
 }
 
 impl ExchangeRecord {
+    /// What is left in an exchange once its record has moved out: nothing owned.
+    fn placeholder(client: SocketAddr, at: Instant) -> ExchangeRecord {
+        ExchangeRecord {
+            id: 0,
+            api: Api::V2,
+            operation: Operation::Other,
+            method: Method::GET,
+            repository: None,
+            reference: None,
+            digest: None,
+            upload_id: None,
+            client,
+            status: None,
+            received: at,
+            forwarded: None,
+            response_head: None,
+            ended: at,
+            upload: None,
+            download: None,
+            upstream_error: None,
+            response_info: ResponseInfo::default(),
+            captured: None,
+            trace: None,
+        }
+    }
+
     /// Request head in → response fully sent (or the exchange's end).
     pub(crate) fn duration(&self) -> Duration {
         self.ended.saturating_duration_since(self.received)
@@ -104,31 +133,39 @@ pub(crate) struct Recorders {
 
 /// A live exchange. See the module docs.
 pub(crate) struct Exchange {
+    /// What was known when the request arrived; the rest is filled in from `marks` at the end.
     record: ExchangeRecord,
     recorders: Arc<Recorders>,
     /// The path with secrets redacted, for the log event; `None` while that event is off.
     log_path: Option<Box<str>>,
-    forwarded: OnceLock<Instant>,
-    response_head: OnceLock<Instant>,
-    status: AtomicU16,
-    upload: OnceLock<BodyOutcome>,
-    download: OnceLock<BodyOutcome>,
-    upstream_error: OnceLock<UpstreamErrorKind>,
-    response_info: OnceLock<ResponseInfo>,
-    /// A body captured whole (a pushed manifest, a fetched manifest or v1 ancestry).
-    captured: OnceLock<Vec<u8>>,
+    marks: Mutex<Marks>,
     /// Woken when the request body has been fully forwarded (starts the response timeout).
     pub upload_done: Notify,
-    /// Live byte counts, for in-progress views.
-    pub upload_progress: Arc<AtomicU64>,
-    pub download_progress: Arc<AtomicU64>,
+    /// Live byte counts, for in-progress views and upload admission.
+    upload_progress: AtomicU64,
+    download_progress: AtomicU64,
+}
+
+/// What the handler and the bodies learn while the exchange goes on.
+#[derive(Default)]
+struct Marks {
+    forwarded: Option<Instant>,
+    response_head: Option<Instant>,
+    /// The status of the response sent to the client; the last one set.
+    status: Option<u16>,
+    upload: Option<BodyOutcome>,
+    download: Option<BodyOutcome>,
+    upstream_error: Option<UpstreamErrorKind>,
+    response_info: Option<ResponseInfo>,
+    /// A body captured whole (a pushed manifest, a fetched manifest or v1 ancestry).
+    captured: Option<Vec<u8>>,
     /// The request's declared body length, for progress bars.
-    upload_expected: OnceLock<u64>,
+    upload_expected: Option<u64>,
     /// What the exchange counts as on the upstream side (and its large-read slot, if any),
     /// until it is over.
-    stream: OnceLock<Stream>,
+    stream: Option<Stream>,
     /// The trace of the transfer it joined when it started (set only when traces are on).
-    transfer_trace: OnceLock<TraceId>,
+    transfer_trace: Option<TraceId>,
 }
 
 /// A snapshot of an exchange still on the wire, for live views.
@@ -187,20 +224,10 @@ impl Exchange {
             // Only the log event carries the path: redacted (a copy) only while that event is on.
             log_path: tracing::enabled!(target: REQUEST_LOG, tracing::Level::DEBUG)
                 .then(|| crate::wire::headers::redact_path(path_and_query).into()),
-            forwarded: OnceLock::new(),
-            response_head: OnceLock::new(),
-            status: AtomicU16::new(0),
-            upload: OnceLock::new(),
-            download: OnceLock::new(),
-            upstream_error: OnceLock::new(),
-            response_info: OnceLock::new(),
-            captured: OnceLock::new(),
+            marks: Mutex::new(Marks::default()),
             upload_done: Notify::new(),
-            upload_progress: Arc::new(AtomicU64::new(0)),
-            download_progress: Arc::new(AtomicU64::new(0)),
-            upload_expected: OnceLock::new(),
-            stream: OnceLock::new(),
-            transfer_trace: OnceLock::new(),
+            upload_progress: AtomicU64::new(0),
+            download_progress: AtomicU64::new(0),
         });
         exchange.recorders.sink.started(&exchange);
         exchange
@@ -215,16 +242,21 @@ impl Exchange {
         &self.record
     }
 
+    fn marks(&self) -> MutexGuard<'_, Marks> {
+        // Nothing under the lock can panic half way; poisoned marks are still whole.
+        self.marks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The transfer this exchange joined has this trace (the tracker says so when it starts).
     pub(crate) fn set_transfer_trace(&self, trace: TraceId) {
-        let _ = self.transfer_trace.set(trace);
+        self.marks().transfer_trace.get_or_insert(trace);
     }
 
     /// The trace its span belongs to and the flags to send on, if it has a span that will be
     /// exported: the client's trace when it sent one, else its transfer's.
     pub(crate) fn trace_parent(&self) -> Option<(TraceId, crate::traces::SpanId, u8)> {
         let trace = self.record.trace.as_deref()?;
-        let transfer = *self.transfer_trace.get()?;
+        let transfer = self.marks().transfer_trace?;
         Some(match trace.client {
             Some(client) => (client.trace_id, trace.span_id, client.flags),
             None => (transfer, trace.span_id, 1),
@@ -232,24 +264,26 @@ impl Exchange {
     }
 
     pub(crate) fn set_upload_expected(&self, length: u64) {
-        let _ = self.upload_expected.set(length);
+        self.marks().upload_expected.get_or_insert(length);
     }
 
     /// Keeps the upstream stream (and its large-read slot) until the exchange is over.
     pub(crate) fn hold(&self, stream: Stream) {
-        let _ = self.stream.set(stream);
+        self.marks().stream.get_or_insert(stream);
     }
 
     /// What this exchange is doing right now.
     pub(crate) fn live(&self, now: Instant) -> LiveExchange {
         let r = &self.record;
-        let uploading = self.upload.get().is_none() && self.upload_progress.load(Ordering::Relaxed) > 0;
-        let (direction, bytes, expected) = if uploading || self.response_head.get().is_none() {
-            (Direction::Upload, self.upload_progress.load(Ordering::Relaxed), self.upload_expected.get().copied())
+        let marks = self.marks();
+        let uploading = marks.upload.is_none() && self.upload_progress.load(Ordering::Relaxed) > 0;
+        let (direction, bytes, expected) = if uploading || marks.response_head.is_none() {
+            (Direction::Upload, self.upload_progress.load(Ordering::Relaxed), marks.upload_expected)
         } else {
-            let expected = self.response_info.get().and_then(|i| i.content_length);
+            let expected = marks.response_info.as_ref().and_then(|i| i.content_length);
             (Direction::Download, self.download_progress.load(Ordering::Relaxed), expected)
         };
+        drop(marks);
         LiveExchange {
             id: r.id,
             operation: r.operation,
@@ -263,69 +297,89 @@ impl Exchange {
     }
 
     pub(crate) fn mark_forwarded(&self) {
-        let _ = self.forwarded.set(Instant::now());
+        self.marks().forwarded.get_or_insert(Instant::now());
     }
 
     pub(crate) fn mark_response_head(&self, status: u16, info: ResponseInfo) {
-        let _ = self.response_head.set(Instant::now());
-        self.set_status(status);
-        let _ = self.response_info.set(info);
+        let now = Instant::now();
+        let mut marks = self.marks();
+        marks.response_head.get_or_insert(now);
+        marks.status = Some(status);
+        marks.response_info.get_or_insert(info);
     }
 
     /// The status of the response sent to the client (also for locally made responses).
     pub(crate) fn set_status(&self, status: u16) {
-        self.status.store(status, Ordering::Relaxed);
+        self.marks().status = Some(status);
     }
 
     pub(crate) fn mark_upstream_error(&self, kind: UpstreamErrorKind) {
-        let _ = self.upstream_error.set(kind);
+        self.marks().upstream_error.get_or_insert(kind);
     }
 
     /// How the request body ended, if it has.
     pub(crate) fn upload_end(&self) -> Option<crate::protocol::BodyEnd> {
-        self.upload.get().map(|u| u.end)
+        self.marks().upload.map(|u| u.end)
     }
 
     /// When the request body's life ended (fully forwarded, or cut off), if it has.
     pub(crate) fn upload_ended(&self) -> Option<Instant> {
-        self.upload.get().map(|u| u.ended)
+        self.marks().upload.map(|u| u.ended)
     }
 }
 
 impl BodyRecorder for Exchange {
     fn record(&self, outcome: BodyOutcome, captured: Vec<u8>) {
+        let mut marks = self.marks();
         match outcome.direction {
             Direction::Upload => {
-                let _ = self.upload.set(outcome);
-                self.upload_done.notify_one();
+                marks.upload.get_or_insert(outcome);
             }
             Direction::Download => {
-                let _ = self.download.set(outcome);
+                marks.download.get_or_insert(outcome);
             }
         }
         if !captured.is_empty() && outcome.end == crate::protocol::BodyEnd::Complete {
-            let _ = self.captured.set(captured);
+            marks.captured.get_or_insert(captured);
         }
+        drop(marks);
+        if outcome.direction == Direction::Upload {
+            self.upload_done.notify_one();
+        }
+    }
+
+    fn progressed(&self, direction: Direction, bytes: u64) {
+        let progress = match direction {
+            Direction::Upload => &self.upload_progress,
+            Direction::Download => &self.download_progress,
+        };
+        progress.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Progress for Exchange {
+    /// The request body's bytes so far: what upload admission watches.
+    fn bytes(&self) -> u64 {
+        self.upload_progress.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        // The span is moved, not copied: it holds the request's path.
-        let trace = self.record.trace.take();
-        let mut record = self.record.clone();
-        record.trace = trace;
-        record.forwarded = self.forwarded.get().copied();
-        record.response_head = self.response_head.get().copied();
-        record.status = match self.status.load(Ordering::Relaxed) {
-            0 => None,
-            s => Some(s),
-        };
-        record.upload = self.upload.take();
-        record.download = self.download.take();
-        record.upstream_error = self.upstream_error.get().copied();
-        record.response_info = self.response_info.take().unwrap_or_default();
-        record.captured = self.captured.take();
+        // Moved, not copied: the record is whole only now, and it is the exchange's last act.
+        let marks = std::mem::take(self.marks.get_mut().unwrap_or_else(PoisonError::into_inner));
+        let placeholder = ExchangeRecord::placeholder(self.record.client, self.record.received);
+        let mut record = std::mem::replace(&mut self.record, placeholder);
+        record.forwarded = marks.forwarded;
+        record.response_head = marks.response_head;
+        record.status = marks.status;
+        record.upload = marks.upload;
+        record.download = marks.download;
+        record.upstream_error = marks.upstream_error;
+        record.response_info = marks.response_info.unwrap_or_default();
+        record.captured = marks.captured;
+        // The upstream stream is let go with the exchange, after it has been recorded.
+        let _stream = marks.stream;
         record.ended = [record.download.map(|d| d.ended), record.upload.map(|u| u.ended), record.response_head]
             .into_iter()
             .flatten()

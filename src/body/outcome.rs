@@ -55,6 +55,9 @@ pub(crate) trait BodyRecorder: Send + Sync {
     /// `captured` holds the body's first bytes when capture was asked for (see
     /// [`TimedBody::capture`]), and is empty otherwise.
     fn record(&self, outcome: BodyOutcome, captured: Vec<u8>);
+
+    /// `bytes` more went through, for live views (per frame: a relaxed add at most).
+    fn progressed(&self, _direction: Direction, _bytes: u64) {}
 }
 
 /// Running totals, kept inline in the wrapper.

@@ -11,7 +11,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -64,8 +63,6 @@ pin_project! {
         inner: B,
         direction: Direction,
         tally: Tally,
-        // Live byte count for progress views; shared, updated with a relaxed add.
-        progress: Option<Arc<AtomicU64>>,
         capture: Capture,
         // Taken on the first end so the outcome is recorded exactly once.
         recorder: Option<Arc<dyn BodyRecorder>>,
@@ -94,17 +91,11 @@ pin_project! {
 }
 
 impl<B: Body> TimedBody<B> {
-    pub(crate) fn new(
-        inner: B,
-        direction: Direction,
-        progress: Option<Arc<AtomicU64>>,
-        recorder: Arc<dyn BodyRecorder>,
-    ) -> Self {
+    pub(crate) fn new(inner: B, direction: Direction, recorder: Arc<dyn BodyRecorder>) -> Self {
         TimedBody {
             inner,
             direction,
             tally: Tally::default(),
-            progress,
             capture: Capture::default(),
             recorder: Some(recorder),
             done: false,
@@ -189,8 +180,8 @@ where
                     if n > 0 {
                         tally.bytes += n;
                         tally.last_byte = Some(now);
-                        if let Some(progress) = this.progress {
-                            progress.fetch_add(n, Ordering::Relaxed);
+                        if let Some(recorder) = this.recorder {
+                            recorder.progressed(*this.direction, n);
                         }
                         this.capture.take(data);
                     }
@@ -241,6 +232,7 @@ mod tests {
     use http_body_util::BodyExt;
     use std::collections::VecDeque;
     use std::future::Future;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
     use std::task::ready;
 
@@ -284,19 +276,23 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct Collect(Mutex<Vec<BodyOutcome>>, Mutex<Vec<Vec<u8>>>);
+    struct Collect(Mutex<Vec<BodyOutcome>>, Mutex<Vec<Vec<u8>>>, AtomicU64);
 
     impl BodyRecorder for Collect {
         fn record(&self, outcome: BodyOutcome, captured: Vec<u8>) {
             self.0.lock().unwrap().push(outcome);
             self.1.lock().unwrap().push(captured);
         }
+
+        fn progressed(&self, _: Direction, bytes: u64) {
+            self.2.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     fn timed(steps: Vec<Step>, dir: Direction) -> (TimedBody<Scripted>, Arc<Collect>) {
         let rec = Arc::new(Collect::default());
         let body = Scripted { steps: steps.into(), sleep: None };
-        (TimedBody::new(body, dir, None, rec.clone()), rec)
+        (TimedBody::new(body, dir, rec.clone()), rec)
     }
 
     fn ms(n: u64) -> Duration {
@@ -423,14 +419,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn progress_counter_follows_bytes() {
-        let progress = Arc::new(AtomicU64::new(0));
         let rec = Arc::new(Collect::default());
         let body = Scripted { steps: vec![Step::Data(4), Step::Data(6)].into(), sleep: None };
-        let mut body = TimedBody::new(body, Direction::Upload, Some(progress.clone()), rec);
+        let mut body = TimedBody::new(body, Direction::Upload, rec.clone());
         body.frame().await.unwrap().unwrap();
-        assert_eq!(progress.load(Ordering::Relaxed), 4);
+        assert_eq!(rec.2.load(Ordering::Relaxed), 4);
         body.frame().await.unwrap().unwrap();
-        assert_eq!(progress.load(Ordering::Relaxed), 10);
+        assert_eq!(rec.2.load(Ordering::Relaxed), 10);
     }
 
     #[tokio::test(start_paused = true)]
@@ -438,7 +433,7 @@ mod tests {
         for (limit, want) in [(100, 10), (5, 0)] {
             let rec = Arc::new(Collect::default());
             let body = Scripted { steps: vec![Step::Data(4), Step::Data(6)].into(), sleep: None };
-            let mut body = TimedBody::new(body, Direction::Download, None, rec.clone()).capture(limit, Some(10));
+            let mut body = TimedBody::new(body, Direction::Download, rec.clone()).capture(limit, Some(10));
             while let Some(frame) = body.frame().await {
                 frame.unwrap();
             }
@@ -451,7 +446,7 @@ mod tests {
         let steps = vec![Step::Data(3), Step::Wait(ms(10_000)), Step::Data(3)];
         let rec = Arc::new(Collect::default());
         let body = Scripted { steps: steps.into(), sleep: None };
-        let mut body = TimedBody::new(body, Direction::Upload, None, rec.clone()).stall_timeout(Some(ms(1_000)));
+        let mut body = TimedBody::new(body, Direction::Upload, rec.clone()).stall_timeout(Some(ms(1_000)));
         body.frame().await.unwrap().unwrap();
         let started = Instant::now();
         let err = body.frame().await.unwrap().unwrap_err();
@@ -466,7 +461,7 @@ mod tests {
         let steps: Vec<Step> = (0..6).flat_map(|_| [Step::Wait(ms(600)), Step::Data(1)]).collect();
         let rec = Arc::new(Collect::default());
         let body = Scripted { steps: steps.into(), sleep: None };
-        let mut body = TimedBody::new(body, Direction::Download, None, rec.clone()).stall_timeout(Some(ms(1_000)));
+        let mut body = TimedBody::new(body, Direction::Download, rec.clone()).stall_timeout(Some(ms(1_000)));
         while let Some(frame) = body.frame().await {
             frame.unwrap();
         }

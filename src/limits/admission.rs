@@ -48,11 +48,27 @@ pub(crate) struct Admission {
     wait: Histogram,
 }
 
+/// An upload's live byte count, as its holder reports it.
+pub(crate) trait Progress: Send + Sync {
+    fn bytes(&self) -> u64;
+}
+
+impl Progress for AtomicU64 {
+    fn bytes(&self) -> u64 {
+        self.load(Ordering::Relaxed)
+    }
+}
+
 struct Holder {
     /// The upload's live byte count (the exchange's, kept by its timed body); also what tells
     /// holders apart, as each exchange has its own.
-    progress: Arc<AtomicU64>,
+    progress: Arc<dyn Progress>,
     watch: Watch,
+}
+
+/// Whether two byte counts are the same one (the data pointers: a vtable may be duplicated).
+fn same(a: &Arc<dyn Progress>, b: &Arc<dyn Progress>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
 /// A byte count as last seen, and since when it has not changed.
@@ -95,14 +111,14 @@ impl Admission {
 
     /// Waits for a slot for the upload whose live byte count is `progress`; the slot is held
     /// until the ticket is dropped. First come, first served.
-    pub(crate) async fn admit(self: &Arc<Self>, progress: &Arc<AtomicU64>) -> Ticket {
+    pub(crate) async fn admit(self: &Arc<Self>, progress: Arc<dyn Progress>) -> Ticket {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => self.wait_for_slot().await,
         };
-        let watch = Watch { bytes: progress.load(Ordering::Relaxed), since: Instant::now() };
+        let watch = Watch { bytes: progress.bytes(), since: Instant::now() };
         self.holders().push(Holder { progress: progress.clone(), watch });
-        Ticket { admission: self.clone(), progress: progress.clone(), permit: Some(permit) }
+        Ticket { admission: self.clone(), progress, permit: Some(permit) }
     }
 
     async fn wait_for_slot(&self) -> OwnedSemaphorePermit {
@@ -128,7 +144,7 @@ impl Admission {
     fn take_over_stalled(&self) {
         let mut holders = self.holders();
         let now = Instant::now();
-        let stalled = holders.iter_mut().position(|h| h.watch.stalled(h.progress.load(Ordering::Relaxed), now));
+        let stalled = holders.iter_mut().position(|h| h.watch.stalled(h.progress.bytes(), now));
         if let Some(index) = stalled {
             holders.swap_remove(index);
             self.permits.add_permits(1);
@@ -151,7 +167,7 @@ impl Admission {
 pub(crate) struct Ticket {
     admission: Arc<Admission>,
     /// Its holder's byte count: the holder, if it still holds the slot.
-    progress: Arc<AtomicU64>,
+    progress: Arc<dyn Progress>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -159,7 +175,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let mut holders = self.admission.holders();
         let permit = self.permit.take();
-        match holders.iter().position(|h| Arc::ptr_eq(&h.progress, &self.progress)) {
+        match holders.iter().position(|h| same(&h.progress, &self.progress)) {
             Some(index) => {
                 holders.swap_remove(index);
                 drop(permit);
@@ -239,10 +255,10 @@ mod tests {
     async fn a_waiter_gets_the_slot_given_back() {
         let admission = admission(1);
         let (a, b) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let first = admission.admit(&a).await;
+        let first = admission.admit(a.clone()).await;
         let waiter = tokio::spawn({
             let admission = admission.clone();
-            async move { admission.admit(&b).await }
+            async move { admission.admit(b.clone()).await }
         });
         // The holder keeps moving bytes: nobody takes its slot, however long the waiter waits.
         for _ in 0..5 {
@@ -265,9 +281,9 @@ mod tests {
     async fn a_stalled_holder_loses_its_slot_and_the_count_stays_right() {
         let admission = admission(1);
         let (a, b) = (Arc::new(AtomicU64::new(7)), Arc::new(AtomicU64::new(0)));
-        let stalled = admission.admit(&a).await;
+        let stalled = admission.admit(a.clone()).await;
         let started = Instant::now();
-        let taker = tokio::time::timeout(STALL * 5, admission.admit(&b))
+        let taker = tokio::time::timeout(STALL * 5, admission.admit(b.clone()))
             .await
             .expect("a stalled holder's slot was not taken over");
         let waited = started.elapsed();
@@ -285,9 +301,9 @@ mod tests {
     async fn a_waiter_that_goes_away_leaves_no_count_behind() {
         let admission = admission(1);
         let a = Arc::new(AtomicU64::new(0));
-        let _held = admission.admit(&a).await;
+        let _held = admission.admit(a.clone()).await;
         let b = Arc::new(AtomicU64::new(0));
-        let gone = tokio::time::timeout(STALL / 2, admission.admit(&b)).await;
+        let gone = tokio::time::timeout(STALL / 2, admission.admit(b.clone())).await;
         assert!(gone.is_err());
         assert_eq!(admission.waiting.get(), 0);
         assert_eq!(admission.wait.get_sample_count(), 0);

@@ -243,9 +243,7 @@ impl Proxy {
             }
         }
 
-        let mut body =
-            TimedBody::new(body, Direction::Upload, Some(exchange.upload_progress.clone()), exchange.clone())
-                .stall_timeout(self.stall_timeout);
+        let mut body = TimedBody::new(body, Direction::Upload, exchange.clone()).stall_timeout(self.stall_timeout);
         let declared = content_length(&parts.headers);
         if let Some(length) = declared {
             exchange.set_upload_expected(length);
@@ -257,7 +255,7 @@ impl Proxy {
         // Held until the response head: the upstream connection is busy until then.
         let ticket = match &self.admission {
             Some(slots) if admission::needs_slot(exchange.info().operation, !sends_body, declared) => {
-                Some(slots.admit(&exchange.upload_progress).await)
+                Some(slots.admit(exchange.clone()).await)
             }
             _ => None,
         };
@@ -294,10 +292,9 @@ impl Proxy {
         let capture = parts.status.is_success()
             && matches!(exchange.info().operation, Operation::ManifestGet | Operation::V1AncestryGet);
         exchange.mark_response_head(parts.status.as_u16(), info);
-        let mut body =
-            TimedBody::new(body, Direction::Download, Some(exchange.download_progress.clone()), exchange.clone())
-                .stall_timeout(self.stall_timeout)
-                .drain(conn.drain.clone());
+        let mut body = TimedBody::new(body, Direction::Download, exchange.clone())
+            .stall_timeout(self.stall_timeout)
+            .drain(conn.drain.clone());
         if capture {
             body = body.capture(CAPTURE_LIMIT, declared);
         }
