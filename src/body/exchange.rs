@@ -296,8 +296,24 @@ impl Exchange {
         }
     }
 
-    pub(crate) fn mark_forwarded(&self) {
-        self.marks().forwarded.get_or_insert(Instant::now());
+    /// The request goes upstream now. Without a body (`sends_body` false) it is all sent: its
+    /// empty upload is over, complete, at this moment.
+    pub(crate) fn mark_forwarded(&self, sends_body: bool) {
+        let now = Instant::now();
+        let mut marks = self.marks();
+        marks.forwarded.get_or_insert(now);
+        if !sends_body {
+            marks.upload.get_or_insert(BodyOutcome {
+                direction: Direction::Upload,
+                bytes: 0,
+                first_poll: None,
+                last_byte: None,
+                ended: now,
+                source_wait: Duration::ZERO,
+                sink_wait: Duration::ZERO,
+                end: crate::protocol::BodyEnd::Complete,
+            });
+        }
     }
 
     pub(crate) fn mark_response_head(&self, status: u16, info: ResponseInfo) {

@@ -5,13 +5,14 @@
 //! upstream's `Incoming` is the client's response body, each inside a [`TimedBody`].
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response, Version};
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -33,10 +34,10 @@ use crate::wire::upstream::{UpstreamTarget, Upstreams};
 /// our own small error bodies.
 pub(crate) type ProxyBody = Either<TimedBody<Incoming>, Full<Bytes>>;
 
-/// The body of every request regscope forwards. Boxed: hyper queues requests to an upstream
-/// connection in blocks of 32, allocated per connection, so the request's size is paid 32 times
-/// over for each of a thousand pooled connections.
-pub(crate) type UploadBody = Box<TimedBody<Incoming>>;
+/// The body of every request regscope forwards: none, or the client's, timed. Boxed: hyper
+/// queues requests to an upstream connection in blocks of 32, allocated per connection, so the
+/// request's size is paid 32 times over for each of a thousand pooled connections.
+pub(crate) type UploadBody = Either<Empty<Bytes>, Box<TimedBody<Incoming>>>;
 
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -243,15 +244,21 @@ impl Proxy {
             }
         }
 
-        let mut body = TimedBody::new(body, Direction::Upload, exchange.clone()).stall_timeout(self.stall_timeout);
         let declared = content_length(&parts.headers);
         if let Some(length) = declared {
             exchange.set_upload_expected(length);
         }
-        if exchange.info().operation == Operation::ManifestPut {
-            body = body.capture(CAPTURE_LIMIT, declared);
-        }
+        // A request without a body sends none upstream: there is nothing to time.
         let sends_body = !http_body::Body::is_end_stream(&body);
+        let body = if sends_body {
+            let mut body = TimedBody::new(body, Direction::Upload, exchange.clone()).stall_timeout(self.stall_timeout);
+            if exchange.info().operation == Operation::ManifestPut {
+                body = body.capture(CAPTURE_LIMIT, declared);
+            }
+            Either::Right(Box::new(body))
+        } else {
+            Either::Left(Empty::new())
+        };
         // Held until the response head: the upstream connection is busy until then.
         let ticket = match &self.admission {
             Some(slots) if admission::needs_slot(exchange.info().operation, !sends_body, declared) => {
@@ -259,12 +266,12 @@ impl Proxy {
             }
             _ => None,
         };
-        exchange.mark_forwarded();
+        exchange.mark_forwarded(sends_body);
         let upstream_name = match target.url() {
             None => self.upstream.display.as_str(),
             Some(url) => url.authority().map_or("", |a| a.as_str()),
         };
-        let request = Request::from_parts(parts, Box::new(body));
+        let request = Request::from_parts(parts, body);
         let response = self.await_response(request, sends_body, exchange, upstream_name).await;
         drop(ticket);
         let response = response?;
@@ -313,33 +320,39 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         let (client, stream) = self.upstreams.pick(sends_body);
         exchange.hold(stream);
-        // A request without a body has nothing left to forward once handed to the upstream
-        // client, so its timeout starts now (opening an upstream connection, at most the connect
-        // timeout, counts in it) instead of when its empty body is heard to end.
-        let fixed_deadline = (!sends_body).then(|| Instant::now() + self.response_timeout);
         let response = client.request(req);
+        let result = if sends_body {
+            self.after_upload(response, exchange).await
+        } else {
+            // A request without a body has nothing left to forward once handed to the upstream
+            // client, so its timeout starts now (opening an upstream connection, at most the
+            // connect timeout, counts in it).
+            tokio::time::timeout(self.response_timeout, response).await.ok()
+        };
+        let Some(result) = result else {
+            return Err(ProxyError::ResponseTimeout { upstream: upstream.to_owned(), after: self.response_timeout });
+        };
+        result.map_err(|e| match exchange.upload_end() {
+            // The client's body broke first; the upstream error is only its echo.
+            Some(BodyEnd::SourceStalled) => ProxyError::ClientAborted(ClientFault::Stalled),
+            Some(BodyEnd::SourceError) => ProxyError::ClientAborted(ClientFault::Broken),
+            _ => {
+                let (kind, cause) = classify_client_error(&e);
+                ProxyError::Unreachable { upstream: upstream.to_owned(), kind, cause }
+            }
+        })
+    }
+
+    /// `response`, or `None` if it has not come within the response timeout of the request
+    /// body's end (a 10 GiB upload is not a slow registry).
+    async fn after_upload<F: Future>(&self, response: F, exchange: &Exchange) -> Option<F::Output> {
         tokio::pin!(response);
         loop {
-            let deadline = fixed_deadline.or_else(|| exchange.upload_ended().map(|t| t + self.response_timeout));
+            let deadline = exchange.upload_ended().map(|t| t + self.response_timeout);
             tokio::select! {
-                result = &mut response => {
-                    return result.map_err(|e| match exchange.upload_end() {
-                        // The client's body broke first; the upstream error is only its echo.
-                        Some(BodyEnd::SourceStalled) => ProxyError::ClientAborted(ClientFault::Stalled),
-                        Some(BodyEnd::SourceError) => ProxyError::ClientAborted(ClientFault::Broken),
-                        _ => {
-                            let (kind, cause) = classify_client_error(&e);
-                            ProxyError::Unreachable { upstream: upstream.to_owned(), kind, cause }
-                        }
-                    });
-                }
+                result = &mut response => return Some(result),
                 _ = exchange.upload_done.notified(), if deadline.is_none() => continue,
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    return Err(ProxyError::ResponseTimeout {
-                        upstream: upstream.to_owned(),
-                        after: self.response_timeout,
-                    });
-                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => return None,
             }
         }
     }
