@@ -76,8 +76,9 @@ pub(crate) struct ResponseInfo {
 }
 
 impl ExchangeRecord {
-    /// What is left in an exchange once its record has moved out: nothing owned.
-    fn placeholder(client: SocketAddr, at: Instant) -> ExchangeRecord {
+    /// A `GET` from `client` at `at` that nothing is known of yet; also what is left in an
+    /// exchange once its record has moved out (it owns nothing).
+    pub(crate) fn empty(client: SocketAddr, at: Instant) -> ExchangeRecord {
         ExchangeRecord {
             id: 0,
             api: Api::V2,
@@ -384,7 +385,7 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         // Moved, not copied: the record is whole only now, and it is the exchange's last act.
         let marks = std::mem::take(self.marks.get_mut().unwrap_or_else(PoisonError::into_inner));
-        let placeholder = ExchangeRecord::placeholder(self.record.client, self.record.received);
+        let placeholder = ExchangeRecord::empty(self.record.client, self.record.received);
         let mut record = std::mem::replace(&mut self.record, placeholder);
         record.forwarded = marks.forwarded;
         record.response_head = marks.response_head;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::tracker::{Tracker, TrackerConfig};
-use crate::body::{BodyOutcome, ExchangeRecord, ExchangeSink, ResponseInfo};
+use crate::body::{BodyOutcome, ExchangeRecord, ExchangeSink};
 use crate::metrics::Metrics;
 use crate::protocol::{BlobKind, BodyEnd, Direction, Operation, Outcome, TransferDirection};
 use crate::recording::BlobOutcome;
@@ -18,23 +18,12 @@ pub(super) fn record(id: u64, op: Operation, repo: &str, at: Instant, secs: f64,
         id,
         api: op.api(),
         operation: op,
-        method: http::Method::GET,
         repository: Some(repo.into()),
-        reference: None,
-        digest: None,
-        upload_id: None,
-        client: "10.0.0.7:40000".parse().unwrap(),
         status: Some(status),
-        received: at,
         forwarded: Some(at),
         response_head: Some(end),
         ended: end,
-        upload: None,
-        download: None,
-        upstream_error: None,
-        response_info: ResponseInfo::default(),
-        captured: None,
-        trace: None,
+        ..ExchangeRecord::empty("10.0.0.7:40000".parse().unwrap(), at)
     }
 }
 
