@@ -1,9 +1,13 @@
-//! Header handling: hop-by-hop stripping, forwarding headers, `Location` rewriting, and
-//! redaction of what must never reach a log.
+//! Header handling: what regscope reads from a head, hop-by-hop stripping, forwarding headers,
+//! and (re-exported from their own files) `Location` rewriting and redaction of what must never
+//! reach a log.
 //!
 //! All pure functions over `HeaderMap`s and strings, so they are table-tested here and fuzzed.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub use super::location::{rewrite_location, Origin};
+pub use super::redact::{redact_path, SECRET_PARAMS};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the
 /// non-standard `Proxy-Connection` and `Keep-Alive`). `Expect` is answered by our own server
@@ -56,6 +60,61 @@ pub fn detach_head<B>(req: &mut http::Request<B>) {
         }
         at = end;
     }
+}
+
+/// What regscope reads from a message's headers, found in one pass over them: looking each up
+/// by name would hash the name again. First values, as `HeaderMap::get` gives them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub host: Option<HeaderValue>,
+    /// `Content-Length`, when it is a number.
+    pub content_length: Option<u64>,
+    /// `Docker-Upload-UUID` and `Docker-Content-Digest` (responses), when they are text.
+    pub upload_uuid: Option<Box<str>>,
+    pub content_digest: Option<Box<str>>,
+    /// Whether any hop-by-hop header is there (stripping has work to do).
+    pub hop_by_hop: bool,
+    pub location: bool,
+    pub forwarded: bool,
+    pub forwarded_for: bool,
+    pub forwarded_host: bool,
+}
+
+const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+
+/// One pass over `headers`: see [`Seen`].
+pub fn seen(headers: &HeaderMap) -> Seen {
+    let text = |v: &HeaderValue| v.to_str().ok().map(Box::<str>::from);
+    let mut seen = Seen::default();
+    let mut content_length = None;
+    for (name, value) in headers {
+        match *name {
+            header::HOST => {
+                seen.host.get_or_insert_with(|| value.clone());
+            }
+            header::CONTENT_LENGTH => {
+                content_length.get_or_insert(value);
+            }
+            header::LOCATION => seen.location = true,
+            header::FORWARDED => seen.forwarded = true,
+            _ if *name == X_FORWARDED_FOR => seen.forwarded_for = true,
+            _ if *name == X_FORWARDED_HOST => seen.forwarded_host = true,
+            _ if *name == UPLOAD_UUID => {
+                if seen.upload_uuid.is_none() {
+                    seen.upload_uuid = text(value);
+                }
+            }
+            _ if *name == CONTENT_DIGEST => {
+                if seen.content_digest.is_none() {
+                    seen.content_digest = text(value);
+                }
+            }
+            _ => seen.hop_by_hop |= HOP_BY_HOP.contains(&name.as_str()),
+        }
+    }
+    seen.content_length = content_length.and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    seen
 }
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
@@ -117,12 +176,30 @@ pub fn forward_request_headers(
     mode: HostMode,
     upstream_authority: &HeaderValue,
 ) {
-    strip_hop_by_hop(headers);
-    append_forwarded_for(headers, client.ip);
+    let seen = seen(headers);
+    forward_request_headers_seen(headers, &seen, client, mode, upstream_authority);
+}
+
+/// [`forward_request_headers`], for headers `seen` has already been taken of. Returns what they
+/// say after hop-by-hop stripping (the same, unless there was some).
+pub fn forward_request_headers_seen(
+    headers: &mut HeaderMap,
+    seen: &Seen,
+    client: &ClientView<'_>,
+    mode: HostMode,
+    upstream_authority: &HeaderValue,
+) -> Option<Seen> {
+    // `Connection` may name any header: after stripping, look again.
+    let stripped = seen.hop_by_hop.then(|| {
+        strip_hop_by_hop(headers);
+        self::seen(headers)
+    });
+    let seen = stripped.as_ref().unwrap_or(seen);
+    append_forwarded_for(headers, seen.forwarded_for, client.ip);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme));
     // Over HTTP/1 `host` is the client's own `Host`: shared, not copied, and already in place for
     // `Preserve`. An h2 `:authority` is made into a header value.
-    let (client_host, in_place) = match (client.host, headers.get(header::HOST)) {
+    let (client_host, in_place) = match (client.host, &seen.host) {
         (Some(h), Some(own)) if own.as_bytes() == h.as_bytes() => (Some(own.clone()), true),
         (h, _) => (h.and_then(|h| HeaderValue::from_str(h).ok()), false),
     };
@@ -139,12 +216,20 @@ pub fn forward_request_headers(
     // Sent in both modes: over h2 the registry sees `:authority` (the upstream) whatever
     // `Host` says, and distribution builds `Location` from X-Forwarded-Host when present.
     match client_host {
-        Some(host) => headers.insert(X_FORWARDED_HOST, host),
-        None => headers.remove(X_FORWARDED_HOST),
-    };
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        None if seen.forwarded_host => {
+            headers.remove(X_FORWARDED_HOST);
+        }
+        None => {}
+    }
     // `Forwarded` takes precedence over X-Forwarded-* in distribution: a client-supplied one
     // could point Location URLs anywhere, so it never passes.
-    headers.remove(header::FORWARDED);
+    if seen.forwarded {
+        headers.remove(header::FORWARDED);
+    }
+    stripped
 }
 
 /// A client address as `X-Forwarded-For` carries it. Made once per connection: formatting the
@@ -153,8 +238,9 @@ pub fn forwarded_for(ip: std::net::IpAddr) -> HeaderValue {
     HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
-    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+fn append_forwarded_for(headers: &mut HeaderMap, present: bool, ip: &HeaderValue) {
+    let prior = if present { headers.get(X_FORWARDED_FOR) } else { None };
+    let value = match prior.and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => {
             let joined = [prior.as_bytes(), b", ", ip.as_bytes()].concat();
             match HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
@@ -169,8 +255,21 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
 
 /// Turns the registry's response headers into the headers sent to the client.
 pub fn forward_response_headers(headers: &mut HeaderMap, upstream: &Origin<'_>, client_origin: Option<&Origin<'_>>) {
-    strip_hop_by_hop(headers);
-    if let Some(client_origin) = client_origin {
+    let seen = seen(headers);
+    forward_response_headers_seen(headers, &seen, upstream, client_origin);
+}
+
+/// [`forward_response_headers`], for headers `seen` has already been taken of.
+pub fn forward_response_headers_seen(
+    headers: &mut HeaderMap,
+    seen: &Seen,
+    upstream: &Origin<'_>,
+    client_origin: Option<&Origin<'_>>,
+) {
+    if seen.hop_by_hop {
+        strip_hop_by_hop(headers);
+    }
+    if let Some(client_origin) = client_origin.filter(|_| seen.location) {
         if let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
             if let Some(rewritten) = rewrite_location(location, upstream, client_origin) {
                 if let Ok(value) = HeaderValue::from_str(&rewritten) {
@@ -179,103 +278,6 @@ pub fn forward_response_headers(headers: &mut HeaderMap, upstream: &Origin<'_>, 
             }
         }
     }
-}
-
-/// A scheme and authority, e.g. `http` + `127.0.0.1:5000`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Origin<'a> {
-    pub scheme: &'a str,
-    pub authority: &'a str,
-}
-
-impl Origin<'_> {
-    fn default_port(&self) -> Option<&'static str> {
-        match self.scheme {
-            s if s.eq_ignore_ascii_case("http") => Some("80"),
-            s if s.eq_ignore_ascii_case("https") => Some("443"),
-            _ => None,
-        }
-    }
-
-    /// Host and port, with the scheme's default port made explicit, host lowercased.
-    pub(crate) fn host_port(&self) -> (String, Option<&str>) {
-        let (host, port) = split_authority(self.authority);
-        (host.to_ascii_lowercase(), port.or(self.default_port()))
-    }
-
-    pub(crate) fn same_as(&self, other: &Origin<'_>) -> bool {
-        self.scheme.eq_ignore_ascii_case(other.scheme) && self.host_port() == other.host_port()
-    }
-}
-
-/// Splits `host:port` (IPv6 in brackets) into host and optional port.
-fn split_authority(authority: &str) -> (&str, Option<&str>) {
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    if authority.starts_with('[') {
-        if let Some(end) = authority.find(']') {
-            let port = authority[end + 1..].strip_prefix(':');
-            return (&authority[..=end], port);
-        }
-        return (authority, None);
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) => (host, Some(port)),
-        None => (authority, None),
-    }
-}
-
-/// If `location` is absolute and points at the upstream, returns it pointed at the address the
-/// client used instead. Relative locations and other hosts are left alone.
-///
-/// This is what keeps uploads on the wire we watch: a `Location` naming the registry directly
-/// would send the PATCH and PUT (the bytes) past the proxy.
-pub fn rewrite_location(location: &str, upstream: &Origin<'_>, client: &Origin<'_>) -> Option<String> {
-    let (scheme, rest) = location.split_once("://")?;
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let target = Origin { scheme, authority };
-    // Host and port decide, not the scheme: a registry behind TLS may still build `http://`
-    // URLs for itself (from X-Forwarded-Proto), and they point at it all the same.
-    if target.host_port() != upstream.host_port() || target.same_as(client) {
-        return None;
-    }
-    Some(format!("{}://{}{}", client.scheme, client.authority, tail))
-}
-
-/// Query parameters whose values are secrets or signed state: never logged.
-pub const SECRET_PARAMS: &[&str] = &["_state", "token", "access_token", "refresh_token", "password"];
-
-/// A path and query fit for a log: secret query values replaced by `REDACTED`.
-pub fn redact_path(path_and_query: &str) -> std::borrow::Cow<'_, str> {
-    // A redirect handle is a capability for as long as it lives.
-    for prefix in [crate::wire::redirects::PREFIX, crate::wire::redirects::AUTH_PREFIX] {
-        if path_and_query.starts_with(prefix) {
-            return format!("{prefix}REDACTED").into();
-        }
-    }
-    let Some((path, query)) = path_and_query.split_once('?') else {
-        return path_and_query.into();
-    };
-    let secret = |pair: &str| SECRET_PARAMS.contains(&pair.split_once('=').map_or(pair, |(k, _)| k));
-    if !query.split('&').any(secret) {
-        return path_and_query.into();
-    }
-    let mut out = String::with_capacity(path_and_query.len());
-    out.push_str(path);
-    out.push('?');
-    for (i, pair) in query.split('&').enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        match pair.split_once('=') {
-            Some((key, _)) if SECRET_PARAMS.contains(&key) => {
-                out.push_str(key);
-                out.push_str("=REDACTED");
-            }
-            _ => out.push_str(pair),
-        }
-    }
-    out.into()
 }
 
 #[cfg(test)]
@@ -363,6 +365,56 @@ mod tests {
     }
 
     #[test]
+    fn one_pass_sees_what_lookups_by_name_would() {
+        let cases: &[(&[(&str, &str)], Seen)] = &[
+            (&[], Seen::default()),
+            (
+                &[("Host", "a:5001"), ("Host", "b"), ("Content-Length", "12"), ("Content-Length", "13")],
+                Seen { host: Some(HeaderValue::from_static("a:5001")), content_length: Some(12), ..Seen::default() },
+            ),
+            (&[("content-length", "twelve")], Seen::default()),
+            (
+                &[("docker-upload-uuid", "u-1"), ("Docker-Content-Digest", "sha256:ab"), ("location", "/v2/x")],
+                Seen {
+                    upload_uuid: Some("u-1".into()),
+                    content_digest: Some("sha256:ab".into()),
+                    location: true,
+                    ..Seen::default()
+                },
+            ),
+            (
+                &[("forwarded", "for=1.2.3.4"), ("x-forwarded-for", "1.2.3.4"), ("x-forwarded-host", "evil")],
+                Seen { forwarded: true, forwarded_for: true, forwarded_host: true, ..Seen::default() },
+            ),
+            (&[("te", "trailers")], Seen { hop_by_hop: true, ..Seen::default() }),
+            (&[("x-connection", "close"), ("accept", "*/*")], Seen::default()),
+        ];
+        for (pairs, want) in cases {
+            assert_eq!(&seen(&map(pairs)), want, "{pairs:?}");
+        }
+    }
+
+    /// `Connection` may name the headers that forwarding reads: they are gone before it reads them.
+    #[test]
+    fn headers_named_in_connection_are_gone_before_forwarding_reads_them() {
+        let upstream = HeaderValue::from_static("registry.internal:5000");
+        let ip = forwarded_for(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)));
+        let client = ClientView { ip: &ip, scheme: "http", host: Some("proxy:5001") };
+        let mut h = map(&[
+            ("connection", "host, x-forwarded-for, content-length"),
+            ("host", "proxy:5001"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("content-length", "5"),
+        ]);
+        let before = seen(&h);
+        let after = forward_request_headers_seen(&mut h, &before, &client, HostMode::Preserve, &upstream);
+        assert_eq!(h[header::HOST], "proxy:5001");
+        assert_eq!(h[X_FORWARDED_FOR], "10.1.2.3");
+        assert_eq!(after.map(|s| s.content_length), Some(None));
+        assert!(h.get(header::CONTENT_LENGTH).is_none());
+    }
+
+    #[test]
     fn forwarded_for_is_the_plain_address() {
         assert_eq!(forwarded_for(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))), "10.1.2.3");
         assert_eq!(forwarded_for("2001:db8::1".parse().unwrap()), "2001:db8::1");
@@ -403,40 +455,6 @@ mod tests {
     }
 
     #[test]
-    fn location_rewriting() {
-        let up = Origin { scheme: "http", authority: "127.0.0.1:5000" };
-        let client = Origin { scheme: "http", authority: "127.0.0.1:5001" };
-        let cases: &[(&str, Option<&str>)] = &[
-            (
-                "http://127.0.0.1:5000/v2/a/blobs/uploads/u?_state=x%3D",
-                Some("http://127.0.0.1:5001/v2/a/blobs/uploads/u?_state=x%3D"),
-            ),
-            ("/v2/a/blobs/uploads/u?_state=x", None),
-            ("http://127.0.0.1:5001/v2/a/blobs/uploads/u", None),
-            ("http://elsewhere:5000/v2/", None),
-            ("https://127.0.0.1:5000/v2/", Some("http://127.0.0.1:5001/v2/")),
-            ("http://127.0.0.1/v2/", None),
-            ("HTTP://127.0.0.1:5000", Some("http://127.0.0.1:5001")),
-            ("https://s3.example/bucket/blob?sig=1", None),
-        ];
-        for (loc, want) in cases {
-            assert_eq!(rewrite_location(loc, &up, &client).as_deref(), *want, "{loc}");
-        }
-
-        let up = Origin { scheme: "https", authority: "Registry.example" };
-        let client = Origin { scheme: "https", authority: "proxy.example:8443" };
-        assert_eq!(
-            rewrite_location("https://registry.example:443/v2/x", &up, &client).as_deref(),
-            Some("https://proxy.example:8443/v2/x")
-        );
-        let v6 = Origin { scheme: "http", authority: "[::1]:5000" };
-        assert_eq!(
-            rewrite_location("http://[::1]:5000/v2/", &v6, &client).as_deref(),
-            Some("https://proxy.example:8443/v2/")
-        );
-    }
-
-    #[test]
     fn location_in_response_headers_is_rewritten() {
         let up = Origin { scheme: "http", authority: "127.0.0.1:5000" };
         let client = Origin { scheme: "http", authority: "localhost:5001" };
@@ -444,24 +462,5 @@ mod tests {
         forward_response_headers(&mut h, &up, Some(&client));
         assert_eq!(h["location"], "http://localhost:5001/v2/a/blobs/uploads/u");
         assert!(h.get("connection").is_none());
-    }
-
-    #[test]
-    fn redaction() {
-        let cases: &[(&str, &str)] = &[
-            ("/v2/", "/v2/"),
-            ("/v2/a/tags/list?n=10", "/v2/a/tags/list?n=10"),
-            (
-                "/v2/a/blobs/uploads/u?_state=secret%3D&digest=sha256:1",
-                "/v2/a/blobs/uploads/u?_state=REDACTED&digest=sha256:1",
-            ),
-            ("/token?service=x&access_token=abc", "/token?service=x&access_token=REDACTED"),
-            ("/x?_state", "/x?_state"),
-            ("/_regscope/storage/0123456789abcdef0123456789abcdef", "/_regscope/storage/REDACTED"),
-            ("/_regscope/auth/0123456789abcdef0123456789abcdef?scope=x", "/_regscope/auth/REDACTED"),
-        ];
-        for (input, want) in cases {
-            assert_eq!(redact_path(input), *want);
-        }
     }
 }

@@ -211,15 +211,21 @@ impl Proxy {
         target: &Target,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        let mut seen = headers::seen(&parts.headers);
         // Clones share the request's bytes (no copy): the headers and target are rewritten below.
-        let host_header = parts.headers.get(header::HOST).cloned();
+        let host_header = seen.host.clone();
         let authority = parts.uri.authority().cloned();
         let client_host =
             host_header.as_ref().and_then(|h| h.to_str().ok()).or_else(|| authority.as_ref().map(|a| a.as_str()));
         match target.url() {
             None => {
                 let view = ClientView { ip: &conn.forwarded_for, scheme: conn.scheme(), host: client_host };
-                headers::forward_request_headers(&mut parts.headers, &view, self.host_mode, &self.upstream.host_header);
+                let (mode, upstream) = (self.host_mode, &self.upstream.host_header);
+                if let Some(stripped) =
+                    headers::forward_request_headers_seen(&mut parts.headers, &seen, &view, mode, upstream)
+                {
+                    seen = stripped;
+                }
                 parts.uri = self
                     .upstream
                     .uri_for(parts.uri.path_and_query())
@@ -244,7 +250,11 @@ impl Proxy {
             }
         }
 
-        let declared = content_length(&parts.headers);
+        // Requests to storage and token realms carry headers of their own making.
+        let declared = match target.url() {
+            None => seen.content_length,
+            Some(_) => content_length(&parts.headers),
+        };
         if let Some(length) = declared {
             exchange.set_upload_expected(length);
         }
@@ -285,9 +295,14 @@ impl Proxy {
             },
         };
         let client_origin = client_host.map(|authority| Origin { scheme: conn.scheme(), authority });
-        let info = response_info(&parts.headers);
+        let mut seen = headers::seen(&parts.headers);
+        let info = ResponseInfo {
+            upload_uuid: seen.upload_uuid.take(),
+            content_digest: seen.content_digest.take(),
+            content_length: seen.content_length,
+        };
         let declared = info.content_length;
-        headers::forward_response_headers(&mut parts.headers, &upstream_origin, client_origin.as_ref());
+        headers::forward_response_headers_seen(&mut parts.headers, &seen, &upstream_origin, client_origin.as_ref());
         if let Some(client) = &client_origin {
             if parts.status.is_redirection() {
                 self.capture_redirect(&mut parts.headers, &upstream_origin, client, exchange);
@@ -440,18 +455,6 @@ fn request_trace(headers: &http::HeaderMap, path_and_query: &str, target: Option
         path: headers::redact_path(path_and_query).into_owned(),
         upstream: target.and_then(Target::url).and_then(|u| u.authority()).map(|a| a.as_str().to_owned()),
     })
-}
-
-/// The response headers the transfer tracker needs, read before they are forwarded.
-fn response_info(headers: &http::HeaderMap) -> ResponseInfo {
-    const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
-    const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
-    let text = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(Box::<str>::from);
-    ResponseInfo {
-        upload_uuid: text(UPLOAD_UUID),
-        content_digest: text(CONTENT_DIGEST),
-        content_length: content_length(headers),
-    }
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
