@@ -87,8 +87,8 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
 
-    /// Time a client connection may take to send a complete request head. hyper arms this
-    /// timer whenever the connection waits for a head, so it is also the idle keep-alive timeout.
+    /// Time a client connection may take to send a complete request head. It runs whenever the
+    /// connection waits for a head, so it is also the idle keep-alive timeout.
     #[arg(long, env = "REGSCOPE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::client::{digest_of, Conn, Pattern};
+use support::client::{digest_of, start_upload, target_at, Conn, Pattern};
 use support::hostile::{
     committed_blobs, ping, raw_exchange, read_until_closed, registry_blob_status, start_cut_upload,
     wait_registry_logged, Framing,
@@ -98,6 +98,51 @@ fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout() {
     assert!(reply.bytes.is_empty() || reply.status == Some(408), "unexpected answer {:?}", reply.text());
     assert!(eventually(Duration::from_secs(5), || client_connections(&regscope) == 0.0));
     assert_eq!(ping(proxy), 200);
+}
+
+/// The header read timeout is for heads only: an upload whose body takes longer than it is
+/// served whole, and the same connection is closed only once it has waited that long for a head.
+#[test]
+fn a_request_slower_than_the_header_read_timeout_is_served_and_the_wait_after_it_is_cut() {
+    let registry = Registry::start();
+    let regscope = Regscope::start(&["--upstream", &registry.url(), "--header-read-timeout", "1s"]);
+    let proxy = regscope.proxy_addr();
+    let host = proxy.to_string();
+    let mut conn = Conn::connect(proxy);
+    let location = start_upload(&mut conn, &host, REPO);
+    let target = target_at(&location, &format!("http://{host}"));
+
+    let mut pattern = Pattern::new(0x51_0E_B0D7);
+    let data = pattern.next_slice(64 * 1024).to_vec();
+    let started = Instant::now();
+    conn.send_head("PATCH", &target, &[("Host", &host), ("Transfer-Encoding", "chunked")]).unwrap();
+    // Five pieces 600 ms apart: the body takes 2.4 s, more than twice the head timeout.
+    for (i, piece) in data.chunks(data.len() / 5 + 1).enumerate() {
+        if i > 0 {
+            thread::sleep(Duration::from_millis(600));
+        }
+        conn.send_chunk(piece).unwrap();
+    }
+    conn.finish_chunks().unwrap();
+    let response = conn.read_response().unwrap();
+    assert!(started.elapsed() > Duration::from_secs(2), "the body was not slow: {:?}", started.elapsed());
+    assert_eq!(response.status(), 202, "a slow body on a connection with a 1 s head timeout: {}", response.text());
+    assert_eq!(response.header("range"), Some(format!("0-{}", data.len() - 1).as_str()));
+
+    let idle_since = Instant::now();
+    let mut stream = conn.stream().try_clone().unwrap();
+    let reply = read_until_closed(&mut stream, Duration::from_secs(6));
+    let closed_after = idle_since.elapsed();
+    assert!(
+        reply.closed && reply.bytes.is_empty(),
+        "after the response: {:?} (closed: {})",
+        reply.text(),
+        reply.closed
+    );
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(4),
+        "closed {closed_after:?} after its last response, want about 1 s"
+    );
 }
 
 /// A connection that never completes the first bytes of a request (nothing at all, or the `P` that

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::body::{Drain, TimedBody};
 use crate::body::{Exchange, Recorders, ResponseInfo};
 use crate::limits::admission::{self, Admission};
+use crate::limits::head_timeout::{EndsRequest, HeadClock};
 use crate::protocol::CAPTURE_LIMIT;
 use crate::protocol::{classify, Operation, Route};
 use crate::protocol::{percent_decode, query_param, BodyEnd, Direction, Party, Redirected};
@@ -33,6 +34,9 @@ use crate::wire::upstream::{UpstreamTarget, Upstreams};
 /// The body of every response regscope sends: the registry's, streamed and timed, or one of
 /// our own small error bodies.
 pub(crate) type ProxyBody = Either<TimedBody<Incoming>, Full<Bytes>>;
+
+/// A response body as hyper gets it: it tells the connection's head clock when it is let go.
+pub(crate) type SentBody = EndsRequest<ProxyBody>;
 
 /// The body of every request regscope forwards: none, or the client's, timed. Boxed: hyper
 /// queues requests to an upstream connection in blocks of 32, allocated per connection, so the
@@ -49,6 +53,8 @@ pub(crate) struct ConnInfo {
     pub tls: bool,
     /// The connection's flush signal (HTTP/1), so a response ends when its bytes are out.
     pub drain: Option<Arc<Drain>>,
+    /// Whether the connection waits for a request head (HTTP/1: its header read timeout).
+    pub head_clock: Option<Arc<HeadClock>>,
 }
 
 impl ConnInfo {
@@ -111,7 +117,8 @@ impl Proxy {
         self: Arc<Self>,
         req: Request<Incoming>,
         conn: ConnInfo,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    ) -> Result<Response<SentBody>, Infallible> {
+        let head_clock = conn.head_clock.clone();
         // HTTP/1 absolute-form (`GET http://host/ HTTP/1.1`) is how forward proxies are asked;
         // for h2 the URI always carries the authority, so only h1 is checked.
         let absolute_form = req.version() <= Version::HTTP_11 && req.uri().authority().is_some();
@@ -153,10 +160,10 @@ impl Proxy {
             Ok(target) => target,
             Err(refusal) => {
                 exchange.set_status(refusal.status().as_u16());
-                return Ok(refusal.to_response().map(Either::Right));
+                return Ok(refusal.to_response().map(|body| EndsRequest::new(Either::Right(body), head_clock)));
             }
         };
-        Ok(match self.forward(req, conn, &exchange, &target).await {
+        let response = match self.forward(req, conn, &exchange, &target).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(kind) = error.upstream_kind() {
@@ -172,7 +179,8 @@ impl Proxy {
                 }
                 response
             }
-        })
+        };
+        Ok(response.map(|body| EndsRequest::new(body, head_clock)))
     }
 
     /// Where a request goes: a storage handle (GET and HEAD) or a realm handle (GET, and POST

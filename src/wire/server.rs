@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::Drain;
 use crate::limits::buffers::{self, Slots};
+use crate::limits::head_timeout::{cut_when_idle, HeadClock};
 use crate::metrics::Counted;
 use crate::presentation::admin::Admin;
 use crate::protocol::Side;
@@ -94,6 +95,7 @@ pub(crate) async fn run(
             forwarded_for: headers::forwarded_for(peer.ip()),
             tls: proxy_listener.tls.is_some(),
             drain: None,
+            head_clock: None,
         };
         let watcher = graceful.watcher();
         let (tls, proxy, builders) = (proxy_listener.tls.clone(), proxy.clone(), builders.clone());
@@ -174,6 +176,8 @@ struct Builders {
     h1_large: http1::Builder,
     h1_small: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// How long an HTTP/1 connection may wait for a request head (see [`cut_when_idle`]).
+    header_read_timeout: Duration,
 }
 
 impl Builders {
@@ -183,9 +187,9 @@ impl Builders {
         // 431 to a head over the limit.
         let h1 = |max_read: usize| {
             let mut builder = http1::Builder::new();
+            // The header read timeout is `cut_when_idle`'s: hyper's would set a timer per head.
             builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
+                .header_read_timeout(None)
                 .max_header_size(limits.max_header_bytes)
                 .max_buf_size(buffers::growth_size(max_read.max(limits.max_header_bytes)));
             builder
@@ -197,12 +201,17 @@ impl Builders {
             .keep_alive_timeout(Duration::from_secs(20));
         // Other client connections read adaptively up to the first smaller class (56 KiB): a
         // connection's class is fixed when it opens, long before it knows what it will carry.
-        Builders { h1_large: h1(buffers::LARGE), h1_small: h1(buffers::CLASSES[0].reads.max()), h2 }
+        Builders {
+            h1_large: h1(buffers::LARGE),
+            h1_small: h1(buffers::CLASSES[0].reads.max()),
+            h2,
+            header_read_timeout: limits.header_read_timeout,
+        }
     }
 
-    /// Serves one connection to its end (or until shutdown ends it). An HTTP/1 connection
-    /// takes a large-read slot for its whole life if one is free, and tells each response body
-    /// when its bytes are out (see [`Drain`]).
+    /// Serves one connection to its end (or until shutdown, or its header read timeout, ends
+    /// it). An HTTP/1 connection takes a large-read slot for its whole life if one is free, and
+    /// tells each response body when its bytes are out (see [`Drain`]).
     async fn serve<I>(
         &self,
         io: I,
@@ -220,20 +229,29 @@ impl Builders {
             let service = service_fn(move |req| proxy.clone().handle(req, conn.clone()));
             return Box::pin(watcher.watch(self.h2.serve_connection(io, service))).await;
         }
+        let peer = conn.peer;
         let drain = Arc::new(Drain::default());
         conn.drain = Some(drain.clone());
+        let clock = Arc::new(HeadClock::new());
+        conn.head_clock = Some(clock.clone());
+        let heads = clock.clone();
         // Detached in `call`, before hyper's next read of the connection: not in the handler,
         // which hyper only polls after that read.
         let service = service_fn(move |mut req| {
             headers::detach_head(&mut req);
+            heads.head_arrived();
             proxy.clone().handle(req, conn.clone())
         });
         let io = Watched::new(io, DrainOnClose(drain));
         let stream = large_reads.start();
         let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
-        let result = Box::pin(watcher.watch(builder.serve_connection(io, service))).await;
+        let served = watcher.watch(builder.serve_connection(io, service));
+        let result = Box::pin(cut_when_idle(served, &clock, self.header_read_timeout)).await;
         drop(stream);
-        result
+        if result.is_none() {
+            tracing::debug!(peer = %peer, "no request head in time");
+        }
+        result.unwrap_or(Ok(()))
     }
 }
 
