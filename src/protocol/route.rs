@@ -473,10 +473,17 @@ mod tests {
 
     #[test]
     fn name_grammar() {
-        for ok in ["a", "a0", "a.b", "a_b", "a__b", "a---b", "a/b/c", "library/ubuntu", "x-1.y_z"] {
+        let longest = "a".repeat(255);
+        for ok in
+            ["a", "a0", "a.b", "a_b", "a__b", "a---b", "a/b/c", "library/ubuntu", "x-1.y_z", "a_b-c.d/e__f", &longest]
+        {
             assert!(is_repository_name(ok), "{ok}");
         }
-        for bad in ["", "A", "a.", ".a", "a..b", "a___b", "a/", "/a", "a//b", "a._b", "a b", "..", "a%2fb"] {
+        let long = "a".repeat(256);
+        for bad in ["", "A", "a.", ".a", "a..b", "a___b", "a/", "/a", "a//b", "a._b", "a b", "..", "a%2fb"]
+            .into_iter()
+            .chain(["a-", "a_", "a-_b", "a_-b", "a-/b", "a_/b", "a/-b", "a/.b", &long])
+        {
             assert!(!is_repository_name(bad), "{bad}");
         }
     }
