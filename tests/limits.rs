@@ -112,7 +112,7 @@ fn a_request_slower_than_the_header_read_timeout_is_served_and_the_wait_after_it
     let location = start_upload(&mut conn, &host, REPO);
     let target = target_at(&location, &format!("http://{host}"));
 
-    let mut pattern = Pattern::new(0x51_0E_B0D7);
+    let mut pattern = Pattern::new(0x510E_B0D7);
     let data = pattern.next_slice(64 * 1024).to_vec();
     let started = Instant::now();
     conn.send_head("PATCH", &target, &[("Host", &host), ("Transfer-Encoding", "chunked")]).unwrap();

@@ -248,10 +248,10 @@ impl Builders {
         let served = watcher.watch(builder.serve_connection(io, service));
         let result = Box::pin(cut_when_idle(served, &clock, self.header_read_timeout)).await;
         drop(stream);
-        if result.is_none() {
+        result.unwrap_or_else(|| {
             tracing::debug!(peer = %peer, "no request head in time");
-        }
-        result.unwrap_or(Ok(()))
+            Ok(())
+        })
     }
 }
 
