@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use regscope::{BlobOutcome, Outcome, Transfer, TransferDirection};
 use support::browser::{artifact_path, by_id, chromium, elements, png_size, with_class, Browser, Element};
 use support::client::{start_upload, target_at, with_digest, Conn, Pattern};
-use support::replay::{manifest_blobs, pretty, registry_manifest, send_paced_chunked, wait_for_transfer};
+use support::replay::{manifest_blobs, pretty, registry_manifest, send_paced_chunks, wait_for_transfer};
 use support::{check, docker, eventually, http_get, Registry, Regscope, TempDir, TestImage};
 
 const REPOSITORY: &str = "regscope-test/ui-browser";
@@ -119,8 +119,12 @@ fn docker_push_and_pull_show_in_the_browser_with_the_registrys_layer_sizes() {
 #[test]
 fn a_slow_upload_shows_in_progress_with_a_growing_byte_count() {
     const TOTAL: usize = 20 << 20;
-    // ~1.7 MiB/s: long enough for two page loads on a busy machine (a load takes 1 to 4 s).
+    // ~1.7 MiB/s. The upload also waits for each page load before it goes on (its second quarter
+    // after the first load, its last after the second), so however long Chromium takes to start
+    // on a busy machine (over 15 s once), both loads see it in progress and the second more of it.
     const PACE: Duration = Duration::from_secs(12);
+    const PIECE: usize = 128 << 10;
+    let (loaded, load_seen) = std::sync::mpsc::channel::<()>();
     let browser = chromium();
     let registry = Registry::start();
     let regscope = Regscope::start(&["--upstream", &registry.url(), "--transfer-idle-timeout", "2s"]);
@@ -149,7 +153,16 @@ fn a_slow_upload_shows_in_progress_with_a_growing_byte_count() {
             &[("Host", &host), ("Content-Type", "application/octet-stream"), ("Transfer-Encoding", "chunked")],
         )
         .unwrap();
-        send_paced_chunked(&mut conn, &body, 128 << 10, PACE);
+        let (first_half, rest) = body.split_at(TOTAL / 2);
+        let (third_quarter, last_quarter) = rest.split_at(TOTAL / 4);
+        // A test that failed before its loads drops the sender, and the upload carries on.
+        let wait_for_a_load = || load_seen.recv_timeout(Duration::from_secs(120)).ok();
+        send_paced_chunks(&mut conn, first_half, PIECE, PACE / 2);
+        wait_for_a_load();
+        send_paced_chunks(&mut conn, third_quarter, PIECE, PACE / 4);
+        wait_for_a_load();
+        send_paced_chunks(&mut conn, last_quarter, PIECE, PACE / 4);
+        conn.finish_chunks().unwrap();
         let response = conn.read_response().unwrap();
         assert_eq!(response.status(), 202, "PATCH: {:?} {}", response.head, response.text());
         let location = response.header("location").expect("202 with a Location").to_string();
@@ -176,8 +189,10 @@ fn a_slow_upload_shows_in_progress_with_a_growing_byte_count() {
     let url = format!("http://{admin}/");
     let started = Instant::now();
     let first = browser.dump_dom(&url);
+    let _ = loaded.send(());
     thread::sleep(Duration::from_millis(500));
     let second = browser.dump_dom(&url);
+    let _ = loaded.send(());
     let took = started.elapsed();
     save_artifact("live-1.html", &first);
     save_artifact("live-2.html", &second);

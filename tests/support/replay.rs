@@ -186,14 +186,20 @@ pub fn manifest_blobs(manifest: &serde_json::Value) -> Vec<(String, u64)> {
 /// really took.
 pub fn send_paced_chunked<S: Read + Write>(conn: &mut Conn<S>, body: &[u8], chunk: usize, duration: Duration) -> f64 {
     let start = Instant::now();
+    send_paced_chunks(conn, body, chunk, duration);
+    conn.finish_chunks().expect("end the chunked body");
+    start.elapsed().as_secs_f64()
+}
+
+/// [`send_paced_chunked`] without ending the body: more chunks may follow.
+pub fn send_paced_chunks<S: Read + Write>(conn: &mut Conn<S>, body: &[u8], chunk: usize, duration: Duration) {
+    let start = Instant::now();
     let pieces: Vec<&[u8]> = body.chunks(chunk).collect();
     let n = pieces.len() as u32;
     for (k, piece) in pieces.iter().enumerate() {
         sleep_until(start + duration * (k as u32 + 1) / n);
         conn.send_chunk(piece).expect("send a chunk");
     }
-    conn.finish_chunks().expect("end the chunked body");
-    start.elapsed().as_secs_f64()
 }
 
 /// Reads the body that follows `head` so that the bytes read by any moment never run ahead of a
