@@ -159,12 +159,16 @@ fn an_upload_whose_client_goes_quiet_loses_its_slot_and_both_arrive_whole() {
     assert_stored(&registry, &quiet);
     assert_stored(&registry, &other);
 
-    // The slot went back exactly once: the next upload finds it free at once.
+    // The slot went back exactly once: the next upload finds it free at once. (Which of the
+    // first two waited depends on whether the quiet PATCH reached regscope before the second
+    // upload's start did; on a loaded machine it may not.)
+    let (_, waits_before, _) = waits(&regscope);
+    assert!(waits_before >= 1.0, "nobody waited for the slot the quiet upload held");
     let third = blob(0xE5, 64 << 10);
     let started = Instant::now();
     upload_whole(proxy, &third);
     assert!(started.elapsed() < Duration::from_millis(900), "the slot was not free after both uploads ended");
     assert_stored(&registry, &third);
     let (waiting, count, _) = waits(&regscope);
-    assert_eq!((waiting, count), (0.0, 1.0), "one wait (the second upload's start), none left");
+    assert_eq!((waiting, count), (0.0, waits_before), "the third upload waited, or a wait is left");
 }

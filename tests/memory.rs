@@ -69,10 +69,12 @@ fn a_crowd_of_open_connections_reads_small_and_large_readers_are_not_kept_idle()
     let proxy = regscope.proxy_addr();
     let host = proxy.to_string();
     let before = open(&regscope, "registry");
+    // A blob GET takes the pool (a small exchange would take the client connection's own).
+    let blob = "/v2/regscope-test/crowd/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
     // A quiet proxy: the exchange takes a large-read upstream connection, pooled after it.
     let mut client = Conn::connect(proxy);
-    assert_eq!(client.request("GET", "/v2/", &[("Host", &host)], b"").unwrap().status(), 200);
+    assert_eq!(client.request("GET", blob, &[("Host", &host)], b"").unwrap().status(), 404);
     assert!(eventually(Duration::from_secs(5), || open(&regscope, "registry") == before + 1.0));
 
     // With more than 64 client connections open, the next exchange takes the smallest class:
@@ -83,7 +85,7 @@ fn a_crowd_of_open_connections_reads_small_and_large_readers_are_not_kept_idle()
         "the crowd is not counted: {}",
         open(&regscope, "client")
     );
-    assert_eq!(client.request("GET", "/v2/", &[("Host", &host)], b"").unwrap().status(), 200);
+    assert_eq!(client.request("GET", blob, &[("Host", &host)], b"").unwrap().status(), 404);
     assert!(
         eventually(Duration::from_secs(5), || open(&regscope, "registry") == before + 2.0),
         "the crowded exchange reused the large-read connection: {} open upstream",

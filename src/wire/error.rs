@@ -8,6 +8,7 @@ use http::{header, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::protocol::UpstreamErrorKind;
+use crate::wire::paired::PairError;
 
 /// Why the proxy could not produce the registry's answer.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +133,24 @@ fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
 /// Classifies a failure of the upstream client into a cause a person can act on.
 pub(crate) fn classify_client_error(err: &hyper_util::client::legacy::Error) -> (UpstreamErrorKind, String) {
     use std::error::Error as _;
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = err.source();
+    classify_chain(err.source(), err.is_connect(), || err.to_string())
+}
+
+/// As [`classify_client_error`], for an exchange on a client connection's own upstream connection.
+pub(crate) fn classify_pair_error(err: &PairError) -> (UpstreamErrorKind, String) {
+    match err {
+        PairError::Connect(error) => classify_chain(Some(&**error), true, || error.to_string()),
+        PairError::Exchange(error) => classify_chain(Some(error), false, || error.to_string()),
+    }
+}
+
+/// The kind of the first cause in the chain from `first` that names one, and every cause's text.
+fn classify_chain(
+    first: Option<&(dyn std::error::Error + 'static)>,
+    is_connect: bool,
+    fallback: impl FnOnce() -> String,
+) -> (UpstreamErrorKind, String) {
+    let mut cause = first;
     let mut text = String::new();
     let mut kind = None;
     while let Some(e) = cause {
@@ -162,10 +180,9 @@ pub(crate) fn classify_client_error(err: &hyper_util::client::legacy::Error) -> 
         cause = e.source();
     }
     if text.is_empty() {
-        text = err.to_string();
+        text = fallback();
     }
-    let kind =
-        kind.unwrap_or(if err.is_connect() { UpstreamErrorKind::ConnectRefused } else { UpstreamErrorKind::Other });
+    let kind = kind.unwrap_or(if is_connect { UpstreamErrorKind::ConnectRefused } else { UpstreamErrorKind::Other });
     (kind, text)
 }
 

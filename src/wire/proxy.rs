@@ -5,7 +5,6 @@
 //! upstream's `Incoming` is the client's response body, each inside a [`TimedBody`].
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,9 +24,10 @@ use crate::protocol::{classify, Operation, Route};
 use crate::protocol::{percent_decode, query_param, BodyEnd, Direction, Party, Redirected};
 use crate::traces::{parse_traceparent, traceparent, RequestTrace, SpanId};
 use crate::wire::elsewhere;
-use crate::wire::error::{classify_client_error, ClientFault, ProxyError};
+use crate::wire::error::ProxyError;
 use crate::wire::headers::{self, ClientView, HostMode, Origin};
 use crate::wire::identity::{self, Cidr};
+use crate::wire::paired::Pair;
 use crate::wire::redirects::{Kind, Redirect, Redirects, AUTH_PREFIX, PREFIX};
 use crate::wire::upstream::{UpstreamTarget, Upstreams};
 
@@ -55,6 +55,8 @@ pub(crate) struct ConnInfo {
     pub drain: Option<Arc<Drain>>,
     /// Whether the connection waits for a request head (HTTP/1: its header read timeout).
     pub head_clock: Option<Arc<HeadClock>>,
+    /// The connection's own upstream connection for small exchanges (HTTP/1, plain upstream).
+    pub pair: Option<Arc<Pair>>,
 }
 
 impl ConnInfo {
@@ -234,10 +236,6 @@ impl Proxy {
                 {
                     seen = stripped;
                 }
-                parts.uri = self
-                    .upstream
-                    .uri_for(parts.uri.path_and_query())
-                    .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
             }
             Some(url) => {
                 let host = url.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
@@ -251,6 +249,22 @@ impl Proxy {
             }
         }
         parts.version = Version::HTTP_11;
+        // A request without a body sends none upstream: there is nothing to time.
+        let sends_body = !http_body::Body::is_end_stream(&body);
+        // A small exchange with the registry goes over the client connection's own upstream
+        // connection when it has one, with the origin-form target it arrived with; the pooled
+        // client takes the target in absolute form and supplies a missing `Host` itself.
+        let pair = conn
+            .pair
+            .as_deref()
+            .filter(|_| !sends_body && matches!(target, Target::Registry) && answers_small(exchange.info().operation));
+        match pair {
+            Some(_) if !parts.headers.contains_key(header::HOST) => {
+                parts.headers.insert(header::HOST, self.upstream.host_header.clone());
+            }
+            None if target.url().is_none() => parts.uri = self.upstream_uri(&parts.uri)?,
+            _ => {}
+        }
         // The registry's spans nest under this request's (its `tracestate` passes untouched).
         if let Some((trace, span, flags)) = exchange.trace_parent() {
             if let Ok(value) = HeaderValue::from_bytes(&traceparent(trace, span, flags)) {
@@ -266,8 +280,6 @@ impl Proxy {
         if let Some(length) = declared {
             exchange.set_upload_expected(length);
         }
-        // A request without a body sends none upstream: there is nothing to time.
-        let sends_body = !http_body::Body::is_end_stream(&body);
         let body = if sends_body {
             let mut body = TimedBody::new(body, Direction::Upload, exchange.clone()).stall_timeout(self.stall_timeout);
             if exchange.info().operation == Operation::ManifestPut {
@@ -290,7 +302,7 @@ impl Proxy {
             Some(url) => url.authority().map_or("", |a| a.as_str()),
         };
         let request = Request::from_parts(parts, body);
-        let response = self.await_response(request, sends_body, exchange, upstream_name).await;
+        let response = self.await_response(request, sends_body, pair, exchange, upstream_name).await;
         drop(ticket);
         let response = response?;
 
@@ -329,55 +341,6 @@ impl Proxy {
             body = body.capture(CAPTURE_LIMIT, declared);
         }
         Ok(Response::from_parts(parts, Either::Left(body)))
-    }
-
-    /// Sends the request and waits for the response head. The response timeout only starts
-    /// once the request body has been fully forwarded: a 10 GiB upload is not a slow registry.
-    /// `sends_body`: the request has a body to forward (as `forward` found it, once).
-    async fn await_response(
-        &self,
-        req: Request<UploadBody>,
-        sends_body: bool,
-        exchange: &Exchange,
-        upstream: &str,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let (client, stream) = self.upstreams.pick(sends_body);
-        exchange.hold(stream);
-        let response = client.request(req);
-        let result = if sends_body {
-            self.after_upload(response, exchange).await
-        } else {
-            // A request without a body has nothing left to forward once handed to the upstream
-            // client, so its timeout starts now (opening an upstream connection, at most the
-            // connect timeout, counts in it).
-            tokio::time::timeout(self.response_timeout, response).await.ok()
-        };
-        let Some(result) = result else {
-            return Err(ProxyError::ResponseTimeout { upstream: upstream.to_owned(), after: self.response_timeout });
-        };
-        result.map_err(|e| match exchange.upload_end() {
-            // The client's body broke first; the upstream error is only its echo.
-            Some(BodyEnd::SourceStalled) => ProxyError::ClientAborted(ClientFault::Stalled),
-            Some(BodyEnd::SourceError) => ProxyError::ClientAborted(ClientFault::Broken),
-            _ => {
-                let (kind, cause) = classify_client_error(&e);
-                ProxyError::Unreachable { upstream: upstream.to_owned(), kind, cause }
-            }
-        })
-    }
-
-    /// `response`, or `None` if it has not come within the response timeout of the request
-    /// body's end (a 10 GiB upload is not a slow registry).
-    async fn after_upload<F: Future>(&self, response: F, exchange: &Exchange) -> Option<F::Output> {
-        tokio::pin!(response);
-        loop {
-            let deadline = exchange.upload_ended().map(|t| t + self.response_timeout);
-            tokio::select! {
-                result = &mut response => return Some(result),
-                _ = exchange.upload_done.notified(), if deadline.is_none() => continue,
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => return None,
-            }
-        }
     }
 }
 
@@ -444,6 +407,12 @@ fn with_query(realm: &http::Uri, query: Option<&str>) -> Option<http::Uri> {
     let Some(query) = query.filter(|q| !q.is_empty()) else { return Some(realm.clone()) };
     let separator = if realm.query().is_some() { '&' } else { '?' };
     format!("{realm}{separator}{query}").parse().ok()
+}
+
+/// Whether an operation's answer is small (no blob), so it may take a connection's own
+/// upstream connection, which reads small.
+fn answers_small(operation: Operation) -> bool {
+    !matches!(operation, Operation::BlobGet | Operation::V1LayerGet | Operation::Other)
 }
 
 /// The repository a token request's first repository scope names.

@@ -22,6 +22,7 @@ use crate::metrics::Counted;
 use crate::presentation::admin::Admin;
 use crate::protocol::Side;
 use crate::wire::headers;
+use crate::wire::paired::{self, Pair};
 use crate::wire::proxy::{ConnInfo, Proxy};
 use crate::wire::proxy_protocol::{self, Source};
 use crate::wire::socket::{Watch, Watched};
@@ -96,6 +97,7 @@ pub(crate) async fn run(
             tls: proxy_listener.tls.is_some(),
             drain: None,
             head_clock: None,
+            pair: None,
         };
         let watcher = graceful.watcher();
         let (tls, proxy, builders) = (proxy_listener.tls.clone(), proxy.clone(), builders.clone());
@@ -235,6 +237,8 @@ impl Builders {
         let clock = Arc::new(HeadClock::new());
         conn.head_clock = Some(clock.clone());
         let heads = clock.clone();
+        let pair = (proxy.upstream.scheme == http::uri::Scheme::HTTP).then(|| Arc::new(Pair::default()));
+        conn.pair = pair.clone();
         // Detached in `call`, before hyper's next read of the connection: not in the handler,
         // which hyper only polls after that read.
         let service = service_fn(move |mut req| {
@@ -246,7 +250,10 @@ impl Builders {
         let stream = large_reads.start();
         let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
         let served = watcher.watch(builder.serve_connection(io, service));
-        let result = Box::pin(cut_when_idle(served, &clock, self.header_read_timeout)).await;
+        let result = match pair {
+            Some(pair) => Box::pin(cut_when_idle(paired::drive(served, &pair), &clock, self.header_read_timeout)).await,
+            None => Box::pin(cut_when_idle(served, &clock, self.header_read_timeout)).await,
+        };
         drop(stream);
         result.unwrap_or_else(|| {
             tracing::debug!(peer = %peer, "no request head in time");

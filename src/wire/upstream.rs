@@ -31,6 +31,8 @@ pub(crate) struct UpstreamTarget {
     pub host_header: HeaderValue,
     /// `scheme://authority`, for messages.
     pub display: String,
+    /// `scheme://authority/`, to open a connection to.
+    pub base: Uri,
 }
 
 impl UpstreamTarget {
@@ -46,7 +48,8 @@ impl UpstreamTarget {
         }
         let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| bad())?;
         let display = format!("{scheme}://{authority}");
-        Ok(UpstreamTarget { scheme, authority, host_header, display })
+        let base = format!("{display}/").parse().map_err(|_| bad())?;
+        Ok(UpstreamTarget { scheme, authority, host_header, display, base })
     }
 
     /// The upstream URI for a request's path and query, kept byte for byte.
@@ -78,6 +81,8 @@ pub(crate) type UpstreamClient<B> = Client<Connector, B>;
 pub(crate) struct Upstreams<B> {
     /// By class, from the largest.
     pools: Vec<Pool<B>>,
+    /// For connections outside the pools (see [`crate::wire::paired`]).
+    connector: Connector,
     slots: Slots,
     clients_open: OpenClients,
 }
@@ -119,7 +124,7 @@ where
                 Pool { receiving: client(class.reads), sending }
             })
             .collect();
-        Upstreams { pools, slots, clients_open: metrics.open_clients() }
+        Upstreams { pools, connector, slots, clients_open: metrics.open_clients() }
     }
 
     /// The client for a new exchange, and the stream it counts as until the exchange is over.
@@ -132,6 +137,19 @@ where
             _ => &pool.receiving,
         };
         (client, stream)
+    }
+}
+
+impl<B> Upstreams<B> {
+    /// Opens a connection of its own to `uri`'s host, timed and counted as the pools' are.
+    pub(crate) fn dial(&self, uri: Uri) -> impl Future<Output = Result<UpstreamIo, BoxError>> {
+        let mut connector = self.connector.clone();
+        connector.call(uri)
+    }
+
+    /// Client connections open now.
+    pub(crate) fn clients_open(&self) -> usize {
+        self.clients_open.now()
     }
 }
 
@@ -196,7 +214,10 @@ pub(crate) struct TimedConnector<C> {
     open: IntGauge,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An open upstream connection, as the connector gives it.
+pub(crate) type UpstreamIo = Watched<MaybeHttpsStream<TokioIo<TcpStream>>, Counted>;
 
 impl<C> Service<Uri> for TimedConnector<C>
 where
@@ -205,7 +226,7 @@ where
     C::Error: Into<BoxError>,
 {
     /// Counted in the open-connections gauge until it closes.
-    type Response = Watched<MaybeHttpsStream<TokioIo<TcpStream>>, Counted>;
+    type Response = UpstreamIo;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 

@@ -1,0 +1,94 @@
+//! A client connection's small exchanges (no request body, no blob in the answer) go over an
+//! upstream connection of its own, opened on its first one and kept; blobs and bodies take the
+//! pool; and no pairs are made while more than 64 client connections are open. Counted with
+//! regscope's own connect histogram, in front of the real registry.
+
+mod support;
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use support::client::{digest_of, start_upload, target_at, with_digest, Conn};
+use support::{eventually, metric_sum, Registry, Regscope};
+
+const REPO: &str = "regscope-test/paired";
+
+/// Upstream connections regscope has opened so far.
+fn connects(regscope: &Regscope) -> f64 {
+    metric_sum(&regscope.metrics_text(), "regscope_upstream_connect_seconds_count", &[])
+}
+
+/// `n` small exchanges on `conn`, each answered as the registry answers it.
+fn small_exchanges(conn: &mut Conn<TcpStream>, host: &str, n: usize) {
+    for i in 0..n {
+        let (method, target, status) = match i % 3 {
+            0 => ("GET", "/v2/".to_string(), 200),
+            1 => ("HEAD", format!("/v2/{REPO}/manifests/latest"), 404),
+            _ => ("GET", format!("/v2/{REPO}/tags/list"), 404),
+        };
+        let response = conn.request(method, &target, &[("Host", host)], &[]).unwrap();
+        assert_eq!(response.status(), status, "{method} {target}: {}", response.text());
+    }
+}
+
+#[test]
+fn small_exchanges_share_an_upstream_connection_of_their_client_connection() {
+    let mut registry = Registry::start();
+    let regscope = Regscope::start(&["--upstream", &registry.url()]);
+    let proxy = regscope.proxy_addr();
+    let host = proxy.to_string();
+    let before = connects(&regscope);
+    let opened = || connects(&regscope) - before;
+
+    let mut a = Conn::connect(proxy);
+    small_exchanges(&mut a, &host, 9);
+    assert_eq!(opened(), 1.0, "nine small exchanges on one client connection: one upstream connection");
+    let mut b = Conn::connect(proxy);
+    small_exchanges(&mut b, &host, 6);
+    assert_eq!(opened(), 2.0, "a second client connection opens its own");
+    small_exchanges(&mut a, &host, 3);
+    assert_eq!(opened(), 2.0, "the first keeps its own");
+
+    // A blob's upload and download take the pool: one more connection, reused by both.
+    let blob = vec![0x5a; 256 << 10];
+    let location = start_upload(&mut a, &host, REPO);
+    let target = with_digest(&target_at(&location, &format!("http://{host}")), &digest_of(&blob));
+    let put = a.request("PUT", &target, &[("Host", &host), ("Content-Type", "application/octet-stream")], &blob);
+    assert_eq!(put.unwrap().status(), 201);
+    let (head, len, digest) =
+        a.get_hashed(&format!("/v2/{REPO}/blobs/{}", digest_of(&blob)), &[("Host", &host)]).unwrap();
+    assert_eq!((head.status, len, digest), (200, blob.len() as u64, digest_of(&blob)));
+    assert_eq!(opened(), 3.0, "the PUT and the GET share one pooled connection");
+    small_exchanges(&mut a, &host, 3);
+    assert_eq!(opened(), 3.0, "and the client connection's own is still there");
+
+    // The registry restarts: the pair's connection is gone, and the next exchange opens another.
+    registry.restart();
+    small_exchanges(&mut a, &host, 3);
+    assert_eq!(opened(), 4.0, "one new connection after the restart");
+}
+
+#[test]
+fn no_pairs_are_made_while_more_than_64_client_connections_are_open() {
+    let registry = Registry::start();
+    let regscope = Regscope::start(&["--upstream", &registry.url()]);
+    let proxy = regscope.proxy_addr();
+    let host = proxy.to_string();
+    let clients_open = || metric_sum(&regscope.metrics_text(), "regscope_connections", &[("side", "client")]);
+
+    let mut idle: Vec<TcpStream> = (0..70).map(|_| TcpStream::connect(proxy).unwrap()).collect();
+    assert!(eventually(Duration::from_secs(10), || clients_open() >= 70.0), "{} open", clients_open());
+    let before = connects(&regscope);
+    let mut busy: Vec<Conn<TcpStream>> = (0..3).map(|_| Conn::connect(proxy)).collect();
+    for conn in &mut busy {
+        small_exchanges(conn, &host, 2);
+    }
+    assert_eq!(connects(&regscope) - before, 1.0, "three client connections, one after the other, share the pool");
+
+    idle.clear();
+    assert!(eventually(Duration::from_secs(10), || clients_open() <= 64.0), "{} open", clients_open());
+    small_exchanges(&mut busy[0], &host, 3);
+    assert_eq!(connects(&regscope) - before, 2.0, "with 64 or fewer open, a client connection gets its own");
+    small_exchanges(&mut busy[0], &host, 3);
+    assert_eq!(connects(&regscope) - before, 2.0, "and keeps it");
+}
