@@ -215,6 +215,8 @@ fn blob_round_trip_via_https_registry(host_header: &str) {
         Regscope::start(&["--upstream", &upstream, "--upstream-ca", path(&pki.ca_pem), "--host-header", host_header]);
     let proxy = regscope.proxy_addr();
     let host = proxy.to_string();
+    let connects = || metric_sum(&regscope.metrics_text(), "regscope_upstream_connect_seconds_count", &[]);
+    let before = connects();
     let mut conn = Conn::connect(proxy);
     let ping = conn.request("GET", "/v2/", &[("Host", &host)], b"").unwrap();
     assert_eq!(ping.status(), 200, "GET /v2/ via an https upstream: {:?} {}", ping.head, ping.text());
@@ -222,6 +224,8 @@ fn blob_round_trip_via_https_registry(host_header: &str) {
     upload_and_download(&mut conn, &host, &format!("http://{host}"), &repo, &small_blob(3, 1 << 20));
     let served = registry.served_requests_once(|served| served.len() >= 5);
     assert_eq!(served.len(), 5, "ping, POST, PATCH, PUT, GET: {served:#?}");
+    // Over TLS every exchange takes the pool: no handshake for a connection of the client's own.
+    assert_eq!(connects() - before, 1.0, "one pooled connection to the https registry");
 }
 
 #[test]

@@ -3,9 +3,13 @@
 //! The small exchanges of an HTTP/1 client connection (manifests, HEADs, pings, tag lists: no
 //! request body, no blob in the answer) go over one upstream HTTP/1 connection that is polled
 //! in the client connection's task. No pool is consulted and no request, response or wake-up
-//! crosses between tasks. Blobs, bodies, h2 and TLS upstreams keep the pool, whose read
-//! classes bound their memory; a pair reads small, and pairs are only made while at most
+//! crosses between tasks. Blobs, bodies, h2 clients and TLS upstreams keep the pool, whose
+//! read classes bound their memory (and which shares a TLS upstream's handshakes); a pair reads small, and pairs are only made while at most
 //! [`PAIRS_UNTIL`] client connections are open, so there are never more pairs than that.
+//!
+//! A client connection's first small exchange still takes the pool: a pair is made for its
+//! second, so a client that opens a connection per request reuses pooled connections as
+//! before instead of opening one upstream per request.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -48,6 +52,8 @@ impl std::fmt::Debug for Pair {
 struct Slot {
     sender: Option<http1::SendRequest<UploadBody>>,
     connection: Option<Pin<Box<Connection>>>,
+    /// The client connection has offered a small exchange before.
+    reused: bool,
 }
 
 /// How a request offered to a pair went.
@@ -67,18 +73,20 @@ pub(crate) enum PairError {
 
 impl Pair {
     /// Sends `req` over the pair's connection, opening one with `dial` if it has none (or only
-    /// a closed one) and `may_dial`.
-    pub(crate) async fn send<D>(&self, req: Request<UploadBody>, may_dial: bool, dial: D) -> Sent
+    /// a closed one); `dial` gives `None` when no pair may be made now.
+    pub(crate) async fn send<D>(&self, req: Request<UploadBody>, dial: impl FnOnce() -> Option<D>) -> Sent
     where
         D: Future<Output = Result<UpstreamIo, BoxError>>,
     {
         let mut sender = match self.take_sender() {
             Taken::Ready(sender) => sender,
-            Taken::Busy => return Sent::Declined(req),
-            Taken::None if !may_dial => return Sent::Declined(req),
-            Taken::None => match self.connect(dial).await {
-                Ok(sender) => sender,
-                Err(error) => return Sent::Answered(Err(error)),
+            Taken::Busy | Taken::First => return Sent::Declined(req),
+            Taken::None => match dial() {
+                None => return Sent::Declined(req),
+                Some(dial) => match self.connect(dial).await {
+                    Ok(sender) => sender,
+                    Err(error) => return Sent::Answered(Err(error)),
+                },
             },
         };
         let response = sender.try_send_request(req);
@@ -105,6 +113,10 @@ impl Pair {
                 slot.sender = Some(sender);
                 Taken::Busy
             }
+            _ if !slot.reused => {
+                slot.reused = true;
+                Taken::First
+            }
             _ => Taken::None,
         }
     }
@@ -128,6 +140,8 @@ impl Pair {
 enum Taken {
     Ready(http1::SendRequest<UploadBody>),
     Busy,
+    /// The connection's first small exchange: it takes the pool.
+    First,
     None,
 }
 

@@ -33,8 +33,11 @@ impl Proxy {
         let timed_out = || ProxyError::ResponseTimeout { upstream: upstream.to_owned(), after: self.response_timeout };
         let mut req = req;
         if let Some(pair) = pair {
-            let may_dial = self.upstreams.clients_open() <= PAIRS_UNTIL;
-            let sent = pair.send(req, may_dial, self.upstreams.dial(self.upstream.base.clone()));
+            let dial = || {
+                let may = self.upstreams.clients_open() <= PAIRS_UNTIL;
+                may.then(|| self.upstreams.dial(self.upstream.base.clone()))
+            };
+            let sent = pair.send(req, dial);
             match tokio::time::timeout_at(deadline, sent).await.map_err(|_| timed_out())? {
                 Sent::Answered(result) => {
                     return result.map_err(|e| {

@@ -237,6 +237,8 @@ impl Builders {
         let clock = Arc::new(HeadClock::new());
         conn.head_clock = Some(clock.clone());
         let heads = clock.clone();
+        // Over TLS a pair would cost a handshake per client connection where the pool shares
+        // one (h2, when the registry offers it): pairs are for plain upstreams only.
         let pair = (proxy.upstream.scheme == http::uri::Scheme::HTTP).then(|| Arc::new(Pair::default()));
         conn.pair = pair.clone();
         // Detached in `call`, before hyper's next read of the connection: not in the handler,
