@@ -83,7 +83,9 @@ impl Pair {
             Taken::Busy | Taken::First => return Sent::Declined(req),
             Taken::None => match dial() {
                 None => return Sent::Declined(req),
-                Some(dial) => match self.connect(dial).await {
+                // Boxed: opening a connection holds its IO in the future, which every exchange in
+                // flight would otherwise carry whether it opens one or not.
+                Some(dial) => match Box::pin(self.connect(dial)).await {
                     Ok(sender) => sender,
                     Err(error) => return Sent::Answered(Err(error)),
                 },
@@ -145,26 +147,40 @@ enum Taken {
     None,
 }
 
-/// Serves a client connection and polls its pair's upstream connection in the same task: before
-/// serving (the upstream may have answered), and after it if serving handed it a request, so
-/// the request is written in this poll rather than the next.
-pub(crate) async fn drive<S: Future>(served: S, pair: &Pair) -> S::Output {
-    tokio::pin!(served);
-    let mut upstream: Option<Pin<Box<Connection>>> = None;
-    std::future::poll_fn(|cx| {
-        poll_upstream(&mut upstream, cx);
-        let out = served.as_mut().poll(cx);
+pin_project_lite::pin_project! {
+    /// Serves a client connection and polls its pair's upstream connection in the same task:
+    /// before serving (the upstream may have answered), and after it if serving handed it a
+    /// request, so the request is written in this poll rather than the next.
+    pub(crate) struct Drive<'a, S> {
+        #[pin]
+        served: S,
+        pair: &'a Pair,
+        upstream: Option<Pin<Box<Connection>>>,
+    }
+}
+
+pub(crate) fn drive<S: Future>(served: S, pair: &Pair) -> Drive<'_, S> {
+    Drive { served, pair, upstream: None }
+}
+
+impl<S: Future> Future for Drive<'_, S> {
+    type Output = S::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<S::Output> {
+        let this = self.project();
+        poll_upstream(this.upstream, cx);
+        let out = this.served.poll(cx);
+        let pair = *this.pair;
         if pair.handed.load(Ordering::Acquire) {
             pair.handed.store(false, Ordering::Relaxed);
-            upstream = pair.lock().connection.take();
+            *this.upstream = pair.lock().connection.take();
         }
         if pair.sent.load(Ordering::Acquire) {
             pair.sent.store(false, Ordering::Relaxed);
-            poll_upstream(&mut upstream, cx);
+            poll_upstream(this.upstream, cx);
         }
         out
-    })
-    .await
+    }
 }
 
 fn poll_upstream(upstream: &mut Option<Pin<Box<Connection>>>, cx: &mut Context<'_>) {
