@@ -4,8 +4,9 @@
 //! request body, no blob in the answer) go over one upstream HTTP/1 connection that is polled
 //! in the client connection's task. No pool is consulted and no request, response or wake-up
 //! crosses between tasks. Blobs, bodies, h2 clients and TLS upstreams keep the pool, whose
-//! read classes bound their memory (and which shares a TLS upstream's handshakes); a pair reads small, and pairs are only made while at most
-//! [`PAIRS_UNTIL`] client connections are open, so there are never more pairs than that.
+//! read classes bound their memory (and which shares a TLS upstream's handshakes). A pair
+//! reads small, and pairs are only made while at most [`PAIRS_UNTIL`] client connections are
+//! open, so there are never more pairs than that.
 //!
 //! A client connection's first small exchange still takes the pool: a pair is made for its
 //! second, so a client that opens a connection per request reuses pooled connections as
@@ -60,7 +61,8 @@ struct Slot {
 pub(crate) enum Sent {
     /// The pair sent it: the response, or why there is none.
     Answered(Result<Response<Incoming>, PairError>),
-    /// Not sent: the pair is busy, may not connect now, or its connection closed first.
+    /// Not sent: it is the connection's first small exchange, the pair is busy or may not
+    /// connect now, or its connection closed before the request was written.
     Declined(Request<UploadBody>),
 }
 
