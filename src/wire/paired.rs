@@ -37,7 +37,7 @@ type Connection = http1::Connection<UpstreamIo, UploadBody>;
 #[derive(Default)]
 pub(crate) struct Pair {
     slot: Mutex<Slot>,
-    /// A new connection waits in the slot for the driver.
+    /// A new connection waits in the slot for the driver (set before `sent`).
     handed: AtomicBool,
     /// A request was handed to the connection since the driver last polled it.
     sent: AtomicBool,
@@ -153,15 +153,16 @@ pin_project_lite::pin_project! {
     /// Serves a client connection and polls its pair's upstream connection in the same task:
     /// before serving (the upstream may have answered), and after it if serving handed it a
     /// request, so the request is written in this poll rather than the next.
+    /// Without a pair it only serves.
     pub(crate) struct Drive<'a, S> {
         #[pin]
         served: S,
-        pair: &'a Pair,
+        pair: Option<&'a Pair>,
         upstream: Option<Pin<Box<Connection>>>,
     }
 }
 
-pub(crate) fn drive<S: Future>(served: S, pair: &Pair) -> Drive<'_, S> {
+pub(crate) fn drive<S: Future>(served: S, pair: Option<&Pair>) -> Drive<'_, S> {
     Drive { served, pair, upstream: None }
 }
 
@@ -172,13 +173,13 @@ impl<S: Future> Future for Drive<'_, S> {
         let this = self.project();
         poll_upstream(this.upstream, cx);
         let out = this.served.poll(cx);
-        let pair = *this.pair;
-        if pair.handed.load(Ordering::Acquire) {
-            pair.handed.store(false, Ordering::Relaxed);
-            *this.upstream = pair.lock().connection.take();
-        }
-        if pair.sent.load(Ordering::Acquire) {
+        // A new connection is only ever handed over with a request for it.
+        if let Some(pair) = this.pair.filter(|pair| pair.sent.load(Ordering::Acquire)) {
             pair.sent.store(false, Ordering::Relaxed);
+            if pair.handed.load(Ordering::Acquire) {
+                pair.handed.store(false, Ordering::Relaxed);
+                *this.upstream = pair.lock().connection.take();
+            }
             poll_upstream(this.upstream, cx);
         }
         out

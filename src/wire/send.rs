@@ -21,7 +21,7 @@ impl Proxy {
     /// the client connection's own upstream connection, tried first.
     pub(super) async fn await_response(
         &self,
-        req: Request<UploadBody>,
+        mut req: Request<UploadBody>,
         sends_body: bool,
         pair: Option<&Pair>,
         exchange: &Exchange,
@@ -31,11 +31,14 @@ impl Proxy {
         // starts now (opening an upstream connection, at most the connect timeout, counts in it).
         let deadline = Instant::now() + self.response_timeout;
         let timed_out = || ProxyError::ResponseTimeout { upstream: upstream.to_owned(), after: self.response_timeout };
-        let mut req = req;
         if let Some(pair) = pair {
             let dial = || {
-                let may = self.upstreams.clients_open() <= PAIRS_UNTIL;
-                may.then(|| self.upstreams.dial(self.upstream.base.clone()))
+                if self.upstreams.clients_open() > PAIRS_UNTIL {
+                    return None;
+                }
+                // The registry's root: the connector reads only its scheme and authority.
+                let root = self.upstream.uri_for(None).ok()?;
+                Some(self.upstreams.dial(root))
             };
             let sent = pair.send(req, dial);
             match tokio::time::timeout_at(deadline, sent).await.map_err(|_| timed_out())? {

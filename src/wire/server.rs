@@ -252,10 +252,8 @@ impl Builders {
         let stream = large_reads.start();
         let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
         let served = watcher.watch(builder.serve_connection(io, service));
-        let result = match pair {
-            Some(pair) => Box::pin(cut_when_idle(paired::drive(served, &pair), &clock, self.header_read_timeout)).await,
-            None => Box::pin(cut_when_idle(served, &clock, self.header_read_timeout)).await,
-        };
+        let served = paired::drive(served, pair.as_deref());
+        let result = Box::pin(cut_when_idle(served, &clock, self.header_read_timeout)).await;
         drop(stream);
         result.unwrap_or_else(|| {
             tracing::debug!(peer = %peer, "no request head in time");

@@ -31,8 +31,6 @@ pub(crate) struct UpstreamTarget {
     pub host_header: HeaderValue,
     /// `scheme://authority`, for messages.
     pub display: String,
-    /// `scheme://authority/`, to open a connection to.
-    pub base: Uri,
 }
 
 impl UpstreamTarget {
@@ -48,8 +46,7 @@ impl UpstreamTarget {
         }
         let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| bad())?;
         let display = format!("{scheme}://{authority}");
-        let base = format!("{display}/").parse().map_err(|_| bad())?;
-        Ok(UpstreamTarget { scheme, authority, host_header, display, base })
+        Ok(UpstreamTarget { scheme, authority, host_header, display })
     }
 
     /// The upstream URI for a request's path and query, kept byte for byte.
