@@ -1,4 +1,4 @@
-# script/lib.sh: shell functions shared by script/test and script/demo. Source it; it defines
+# script/lib.sh: shell functions shared by the scripts in script/. Source it; it defines
 # functions only. Everything a function starts is recorded so rs_cleanup stops exactly that (by pid)
 # and removes exactly the directories it made.
 #
@@ -14,6 +14,10 @@
 #   rs_cleanup                   stop what was tracked (newest first), remove tracked dirs
 #   rs_install_moto DIR          moto's S3 server in DIR/venv (from PyPI, once per DIR), for the
 #                                tests of registries on object storage
+#   rs_install_commands CMD=PKG...  apt-get install the packages of missing commands
+#   rs_apt_install PKG...        apt-get install PKGs, their services kept from starting
+#   rs_nginx_conf DIR PORT UPSTREAM_PORT WORKERS   print the bench's nginx config
+#   rs_haproxy_cfg PORT UPSTREAM_PORT [THREADS]    print the bench's haproxy config
 #   rs_log MSG...                print a progress line on stderr
 
 RS_PIDS=()
@@ -54,16 +58,21 @@ rs_install_packages() {
     done
     # Chromium's screenshots need a font; not a command, so asked of dpkg.
     dpkg -s fonts-dejavu-core >/dev/null 2>&1 || missing+=(fonts-dejavu-core)
-    [ "${#missing[@]}" -eq 0 ] && return 0
-    rs_log "installing ${missing[*]}"
-    # Packages must not start their system services (a registry on :5000, a system dockerd): keep
-    # a policy-rc.d that forbids it for the duration, unless the machine already has one.
+    rs_apt_install "${missing[@]}"
+}
+
+# rs_apt_install PACKAGE...: apt-get install them (nothing when none is named).
+rs_apt_install() {
+    [ "$#" -eq 0 ] && return 0
+    rs_log "installing $*"
+    # Packages must not start their system services (a registry on :5000, a system dockerd, nginx
+    # on :80): keep a policy-rc.d that forbids it for the duration, unless the machine has one.
     local policy=/usr/sbin/policy-rc.d made_policy=
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
     fi
     local rc=0
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >&2 || rc=$?
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; } >&2 || rc=$?
     [ -n "$made_policy" ] && rm -f "$policy"
     return "$rc"
 }
@@ -126,6 +135,94 @@ EOF
     rs_log "registry did not start; its log:"
     tail -n 20 "$dir/registry.log" >&2
     return 1
+}
+
+# rs_install_commands CMD=PACKAGE...: apt-get install the packages of the commands missing.
+rs_install_commands() {
+    local missing=() pair cmd
+    for pair in "$@"; do
+        cmd=${pair%%=*}
+        command -v "$cmd" >/dev/null 2>&1 || command -v "/usr/sbin/$cmd" >/dev/null 2>&1 || missing+=("${pair#*=}")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    readarray -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    rs_apt_install "${missing[@]}"
+}
+
+# distribution's recipe (docs/recipes/nginx.md) without TLS and auth, plus unbuffered streaming
+# both ways and HTTP/1.1 keep-alive to the upstream. WORKERS: auto, or 1 with no master process
+# (one process, for callgrind).
+rs_nginx_conf() {
+    local dir=$1 port=$2 upstream_port=$3 workers=$4 master=
+    [ "$workers" = 1 ] && master='master_process off;'
+    cat <<EOF
+$master
+user root;
+worker_processes $workers;
+worker_rlimit_nofile 16384;
+pid $dir/nginx.pid;
+error_log $dir/nginx-error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log $dir/nginx-access.log;
+  client_body_temp_path $dir/client_body;
+  proxy_temp_path $dir/proxy_temp;
+  fastcgi_temp_path $dir/fastcgi_temp;
+  uwsgi_temp_path $dir/uwsgi_temp;
+  scgi_temp_path $dir/scgi_temp;
+  upstream docker-registry {
+    server 127.0.0.1:$upstream_port;
+    keepalive 64;
+  }
+  map \$upstream_http_docker_distribution_api_version \$docker_distribution_api_version {
+    '' 'registry/2.0';
+  }
+  server {
+    listen 127.0.0.1:$port;
+    client_max_body_size 0;
+    chunked_transfer_encoding on;
+    location /v2/ {
+      add_header 'Docker-Distribution-Api-Version' \$docker_distribution_api_version always;
+      proxy_pass                          http://docker-registry;
+      proxy_set_header  Host              \$http_host;
+      proxy_set_header  X-Real-IP         \$remote_addr;
+      proxy_set_header  X-Forwarded-For   \$proxy_add_x_forwarded_for;
+      proxy_set_header  X-Forwarded-Proto \$scheme;
+      proxy_read_timeout                  900;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_request_buffering off;
+      proxy_buffering off;
+    }
+  }
+}
+EOF
+}
+
+# HTTP mode with keep-alive both ways and X-Forwarded-For. THREADS: haproxy's default (one per
+# CPU) when absent, else that many.
+rs_haproxy_cfg() {
+    local port=$1 upstream_port=$2 threads=
+    [ -n "${3:-}" ] && threads="  nbthread $3"
+    cat <<EOF
+global
+  maxconn 8000
+$threads
+defaults
+  mode http
+  option http-keep-alive
+  option forwardfor
+  timeout connect 10s
+  timeout client 900s
+  timeout server 900s
+  timeout http-request 30s
+  timeout http-keep-alive 30s
+frontend registry
+  bind 127.0.0.1:$port
+  default_backend origin
+backend origin
+  server origin 127.0.0.1:$upstream_port maxconn 8000
+EOF
 }
 
 # TERM, then KILL after 20 s: dockerd needs a few seconds to stop containerd and unmount.
