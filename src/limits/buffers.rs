@@ -35,7 +35,7 @@ pub(crate) enum Reads {
 }
 
 impl Reads {
-    pub(crate) fn max(self) -> usize {
+    pub(crate) const fn max(self) -> usize {
         match self {
             Reads::UpTo(n) | Reads::Exactly(n) => n,
         }

@@ -140,7 +140,8 @@ pub(crate) fn classify_client_error(err: &hyper_util::client::legacy::Error) -> 
 pub(crate) fn classify_pair_error(err: &PairError) -> (UpstreamErrorKind, String) {
     match err {
         PairError::Connect(error) => classify_chain(Some(&**error), true, || error.to_string()),
-        PairError::Exchange(error) => classify_chain(Some(error), false, || error.to_string()),
+        PairError::Io(error) => classify_chain(Some(error), false, || error.to_string()),
+        PairError::Protocol(error) => (UpstreamErrorKind::Other, error.to_string()),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub(crate) mod elsewhere;
 pub(crate) mod error;
+pub(crate) mod h1;
 pub mod headers;
 pub(crate) mod identity;
 pub(crate) mod location;

@@ -2,7 +2,7 @@
 //! failures to registry-style responses.
 //!
 //! Nothing is buffered: the client's `Incoming` body is the upstream request's body, and the
-//! upstream's `Incoming` is the client's response body, each inside a [`TimedBody`].
+//! upstream's body is the client's response body, each inside a [`TimedBody`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,11 +29,12 @@ use crate::wire::headers::{self, ClientView, HostMode, Origin};
 use crate::wire::identity::{self, Cidr};
 use crate::wire::paired::Pair;
 use crate::wire::redirects::{Kind, Redirect, Redirects, AUTH_PREFIX, PREFIX};
+use crate::wire::send::UpstreamBody;
 use crate::wire::upstream::{UpstreamTarget, Upstreams};
 
 /// The body of every response regscope sends: the registry's, streamed and timed, or one of
 /// our own small error bodies.
-pub(crate) type ProxyBody = Either<TimedBody<Incoming>, Full<Bytes>>;
+pub(crate) type ProxyBody = Either<TimedBody<UpstreamBody>, Full<Bytes>>;
 
 /// A response body as hyper gets it: it tells the connection's head clock when it is let go.
 pub(crate) type SentBody = EndsRequest<ProxyBody>;
@@ -256,7 +257,7 @@ impl Proxy {
         // client takes the target in absolute form and supplies a missing `Host` itself.
         let pair = conn
             .pair
-            .as_deref()
+            .as_ref()
             .filter(|_| !sends_body && matches!(target, Target::Registry) && answers_small(exchange.info().operation));
         match pair {
             Some(_) if !parts.headers.contains_key(header::HOST) => {

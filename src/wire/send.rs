@@ -3,16 +3,21 @@
 //! response head may take.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use http::{Request, Response};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::Exchange;
 use crate::protocol::BodyEnd;
 use crate::wire::error::{classify_client_error, classify_pair_error, ClientFault, ProxyError};
-use crate::wire::paired::{Pair, Sent, PAIRS_UNTIL};
+use crate::wire::paired::{Pair, PairBody, Sent, PAIRS_UNTIL};
 use crate::wire::proxy::{Proxy, UploadBody};
+
+/// A registry response's body: from the pool's connection, or from the pair's.
+pub(crate) type UpstreamBody = Either<Incoming, PairBody>;
 
 impl Proxy {
     /// Sends the request and waits for the response head. The response timeout only starts
@@ -23,10 +28,10 @@ impl Proxy {
         &self,
         mut req: Request<UploadBody>,
         sends_body: bool,
-        pair: Option<&Pair>,
+        pair: Option<&Arc<Pair>>,
         exchange: &Exchange,
         upstream: &str,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         // A request without a body has nothing left to forward once handed on, so its timeout
         // starts now (opening an upstream connection, at most the connect timeout, counts in it).
         let deadline = Instant::now() + self.response_timeout;
@@ -43,7 +48,7 @@ impl Proxy {
             let sent = pair.send(req, dial);
             match tokio::time::timeout_at(deadline, sent).await.map_err(|_| timed_out())? {
                 Sent::Answered(result) => {
-                    return result.map_err(|e| {
+                    return result.map(|response| response.map(Either::Right)).map_err(|e| {
                         let (kind, cause) = classify_pair_error(&e);
                         ProxyError::Unreachable { upstream: upstream.to_owned(), kind, cause }
                     })
@@ -63,7 +68,7 @@ impl Proxy {
             tokio::time::timeout_at(deadline, response).await.ok()
         };
         let result = result.ok_or_else(timed_out)?;
-        result.map_err(|e| match exchange.upload_end() {
+        result.map(|response| response.map(Either::Left)).map_err(|e| match exchange.upload_end() {
             // The client's body broke first; the upstream error is only its echo.
             Some(BodyEnd::SourceStalled) => ProxyError::ClientAborted(ClientFault::Stalled),
             Some(BodyEnd::SourceError) => ProxyError::ClientAborted(ClientFault::Broken),

@@ -22,7 +22,7 @@ use crate::metrics::Counted;
 use crate::presentation::admin::Admin;
 use crate::protocol::Side;
 use crate::wire::headers;
-use crate::wire::paired::{self, Pair};
+use crate::wire::paired::Pair;
 use crate::wire::proxy::{ConnInfo, Proxy};
 use crate::wire::proxy_protocol::{self, Source};
 use crate::wire::socket::{Watch, Watched};
@@ -239,8 +239,7 @@ impl Builders {
         let heads = clock.clone();
         // Over TLS a pair would cost a handshake per client connection where the pool shares
         // one (h2, when the registry offers it): pairs are for plain upstreams only.
-        let pair = (proxy.upstream.scheme == http::uri::Scheme::HTTP).then(|| Arc::new(Pair::default()));
-        conn.pair = pair.clone();
+        conn.pair = (proxy.upstream.scheme == http::uri::Scheme::HTTP).then(|| Arc::new(Pair::default()));
         let stream = large_reads.start();
         // A head left in the read buffer makes hyper's next read allocate a second buffer for
         // the exchange. Connections of a class with a bound afford that (at most `until` of them);
@@ -257,7 +256,6 @@ impl Builders {
         let io = Watched::new(io, DrainOnClose(drain));
         let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
         let served = watcher.watch(builder.serve_connection(io, service));
-        let served = paired::drive(served, pair.as_deref());
         let result = Box::pin(cut_when_idle(served, &clock, self.header_read_timeout)).await;
         drop(stream);
         result.unwrap_or_else(|| {
