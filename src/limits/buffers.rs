@@ -143,11 +143,6 @@ impl Stream {
     pub(crate) fn large(&self) -> bool {
         self.slot.is_some()
     }
-
-    /// Whether its class holds a bounded number of streams (every class but the last).
-    pub(crate) fn bounded(&self) -> bool {
-        self.class < CLASSES.len()
-    }
 }
 
 impl Drop for Stream {
@@ -190,8 +185,6 @@ mod tests {
         assert_eq!((read_size(0), read_size(3)), (LARGE, LARGE));
         assert_eq!((read_size(4), read_size(63)), (56 << 10, 56 << 10));
         assert_eq!((read_size(64), read_size(999)), (16 << 10, 16 << 10));
-        // Only the last class is unbounded.
-        assert!(streams[..64].iter().all(Stream::bounded) && !streams[64..].iter().any(Stream::bounded));
         // No class holds more streams than its `until`.
         for (k, class) in classes.iter().enumerate() {
             assert!(streams.iter().filter(|s| s.class() == k).count() <= class.until);

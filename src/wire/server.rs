@@ -240,20 +240,15 @@ impl Builders {
         // Over TLS a pair would cost a handshake per client connection where the pool shares
         // one (h2, when the registry offers it): pairs are for plain upstreams only.
         conn.pair = (proxy.upstream.scheme == http::uri::Scheme::HTTP).then(|| Arc::new(Pair::default()));
-        let stream = large_reads.start();
-        // A head left in the read buffer makes hyper's next read allocate a second buffer for
-        // the exchange. Connections of a class with a bound afford that (at most `until` of them);
-        // the rest copy the head out. Detached in `call`, before hyper's next read of the
-        // connection: not in the handler, which hyper only polls after that read.
-        let detach = !stream.bounded();
+        // Detached in `call`, before hyper's next read of the connection: not in the handler,
+        // which hyper only polls after that read.
         let service = service_fn(move |mut req| {
-            if detach {
-                headers::detach_head(&mut req);
-            }
+            headers::detach_head(&mut req);
             heads.head_arrived();
             proxy.clone().handle(req, conn.clone())
         });
         let io = Watched::new(io, DrainOnClose(drain));
+        let stream = large_reads.start();
         let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
         let served = watcher.watch(builder.serve_connection(io, service));
         let result = Box::pin(cut_when_idle(served, &clock, self.header_read_timeout)).await;
