@@ -164,7 +164,7 @@ pub(crate) enum Chunked {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Step {
     pub consumed: usize,
-    /// `start..end` of `buf`: body data.
+    /// `start..end` of `buf`: body data, the last bytes consumed (`end == consumed`).
     pub data: Option<(usize, usize)>,
 }
 

@@ -214,6 +214,13 @@ impl Conn {
         &self.buf[self.start..self.end]
     }
 
+    /// The next `n` unused bytes, copied out: the buffer is read into again.
+    fn take(&mut self, n: usize) -> Bytes {
+        let bytes = Bytes::copy_from_slice(&self.buffered()[..n]);
+        self.consume(n);
+        bytes
+    }
+
     fn consume(&mut self, n: usize) {
         self.start += n;
         if self.start == self.end {
@@ -289,9 +296,7 @@ impl PairBody {
                 return PairBody { state: State::Done };
             }
             Framing::Length(n) if n <= lease.conn().buffered().len() as u64 => {
-                let conn = lease.conn();
-                let whole = Bytes::copy_from_slice(&conn.buffered()[..n as usize]);
-                conn.consume(n as usize);
+                let whole = lease.conn().take(n as usize);
                 lease.reusable = keep_alive;
                 return PairBody { state: State::Whole(whole) };
             }
@@ -365,18 +370,17 @@ fn poll_data(conn: &mut Conn, left: &mut Left, cx: &mut Context<'_>) -> Poll<io:
             Left::Length(0) => return Poll::Ready(Ok(None)),
             Left::Length(n) if !conn.buffered().is_empty() => {
                 let take = conn.buffered().len().min(usize::try_from(*n).unwrap_or(usize::MAX));
-                let data = Bytes::copy_from_slice(&conn.buffered()[..take]);
-                conn.consume(take);
                 *n -= take as u64;
-                return Poll::Ready(Ok(Some(data)));
+                return Poll::Ready(Ok(Some(conn.take(take))));
             }
-            Left::Chunked(chunked) if !conn.buffered().is_empty() || *chunked == Chunked::Done => {
+            Left::Chunked(chunked) if !conn.buffered().is_empty() => {
                 let step = chunked.step(conn.buffered()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                let data = step.data.map(|(a, b)| Bytes::copy_from_slice(&conn.buffered()[a..b]));
-                conn.consume(step.consumed);
-                if data.is_some() {
-                    return Poll::Ready(Ok(data));
+                // A step with data ends with it.
+                if let Some((start, end)) = step.data {
+                    conn.consume(start);
+                    return Poll::Ready(Ok(Some(conn.take(end - start))));
                 }
+                conn.consume(step.consumed);
                 if *chunked == Chunked::Done {
                     return Poll::Ready(Ok(None));
                 }
@@ -385,9 +389,8 @@ fn poll_data(conn: &mut Conn, left: &mut Left, cx: &mut Context<'_>) -> Poll<io:
                 }
             }
             Left::Close if !conn.buffered().is_empty() => {
-                let data = Bytes::copy_from_slice(conn.buffered());
-                conn.consume(data.len());
-                return Poll::Ready(Ok(Some(data)));
+                let all = conn.buffered().len();
+                return Poll::Ready(Ok(Some(conn.take(all))));
             }
             _ => {}
         }
