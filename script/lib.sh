@@ -51,11 +51,9 @@ rs_wait_http() {
 }
 
 rs_install_packages() {
-    local -A wanted=([curl]=curl [dockerd]=docker.io [docker-registry]=docker-registry [skopeo]=skopeo [prometheus]=prometheus [chromium]=chromium [haproxy]=haproxy)
-    local missing=() cmd
-    for cmd in "${!wanted[@]}"; do
-        command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
-    done
+    local missing=()
+    readarray -t missing < <(rs_missing_packages curl=curl dockerd=docker.io docker-registry=docker-registry \
+        skopeo=skopeo prometheus=prometheus chromium=chromium haproxy=haproxy)
     # Chromium's screenshots need a font; not a command, so asked of dpkg.
     dpkg -s fonts-dejavu-core >/dev/null 2>&1 || missing+=(fonts-dejavu-core)
     rs_apt_install "${missing[@]}"
@@ -139,14 +137,18 @@ EOF
 
 # rs_install_commands CMD=PACKAGE...: apt-get install the packages of the commands missing.
 rs_install_commands() {
-    local missing=() pair cmd
+    local missing=()
+    readarray -t missing < <(rs_missing_packages "$@")
+    rs_apt_install "${missing[@]}"
+}
+
+# rs_missing_packages CMD=PACKAGE...: prints the packages of the commands missing, once each.
+rs_missing_packages() {
+    local pair cmd
     for pair in "$@"; do
         cmd=${pair%%=*}
-        command -v "$cmd" >/dev/null 2>&1 || command -v "/usr/sbin/$cmd" >/dev/null 2>&1 || missing+=("${pair#*=}")
-    done
-    [ "${#missing[@]}" -eq 0 ] && return 0
-    readarray -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-    rs_apt_install "${missing[@]}"
+        command -v "$cmd" >/dev/null 2>&1 || command -v "/usr/sbin/$cmd" >/dev/null 2>&1 || echo "${pair#*=}"
+    done | sort -u
 }
 
 # distribution's recipe (docs/recipes/nginx.md) without TLS and auth, plus unbuffered streaming

@@ -96,8 +96,7 @@ pub(crate) fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<(u
         .filter(|reason| Some(*reason) != status.canonical_reason())
         .and_then(|reason| hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok());
     let framing = framing(status, head_request, &map)?;
-    let keep_alive =
-        version == Version::HTTP_11 && !has_token(&map, header::CONNECTION, "close") && framing != Framing::Close;
+    let keep_alive = version == Version::HTTP_11 && !asks_to_close(&map) && framing != Framing::Close;
     Ok(Some((len, ResponseHead { status, version, headers: map, reason, framing, keep_alive })))
 }
 
@@ -138,12 +137,13 @@ fn framing(status: StatusCode, head_request: bool, headers: &HeaderMap) -> Resul
     Ok(length.map_or(Framing::Close, Framing::Length))
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+/// Whether `Connection` says `close`.
+fn asks_to_close(headers: &HeaderMap) -> bool {
     headers
-        .get_all(name)
+        .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
 }
 
 /// Where a chunked body's decoding stands.

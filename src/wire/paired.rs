@@ -100,28 +100,9 @@ impl Pair {
                 Err(error) => return Sent::Answered(Err(PairError::Connect(error))),
             }
         }
-        let head_request = req.method() == Method::HEAD;
-        let conn = lease.conn();
-        conn.out.clear();
-        h1::encode_request(&req.into_parts().0, &mut conn.out);
-        if let Err(error) = conn.write_out().await {
-            return Sent::Answered(Err(PairError::Io(error)));
-        }
-        let head = loop {
-            match h1::parse_response(conn.buffered(), head_request) {
-                Err(error) => return Sent::Answered(Err(PairError::Protocol(error))),
-                // Interim answers (`103 Early Hints`) are not forwarded.
-                Ok(Some((len, head))) if head.status.is_informational() => conn.consume(len),
-                Ok(Some((len, head))) => {
-                    conn.consume(len);
-                    break head;
-                }
-                Ok(None) => match poll_fn(|cx| conn.poll_fill(cx)).await {
-                    Ok(0) => return Sent::Answered(Err(PairError::Io(io::ErrorKind::UnexpectedEof.into()))),
-                    Ok(_) => {}
-                    Err(error) => return Sent::Answered(Err(PairError::Io(error))),
-                },
-            }
+        let head = match lease.conn().exchange(&req.into_parts().0).await {
+            Ok(head) => head,
+            Err(error) => return Sent::Answered(Err(error)),
         };
         let body = PairBody::new(lease, head.framing, head.keep_alive);
         let mut response = Response::new(body);
@@ -252,6 +233,30 @@ impl Conn {
         !matches!(self.poll_fill(&mut cx), Poll::Pending)
     }
 
+    /// Writes a request's head and reads its answer's head, past interim answers (`103 Early
+    /// Hints`), which are not forwarded.
+    async fn exchange(&mut self, parts: &http::request::Parts) -> Result<h1::ResponseHead, PairError> {
+        self.out.clear();
+        h1::encode_request(parts, &mut self.out);
+        self.write_out().await.map_err(PairError::Io)?;
+        let head_request = parts.method == Method::HEAD;
+        loop {
+            match h1::parse_response(self.buffered(), head_request).map_err(PairError::Protocol)? {
+                Some((len, head)) => {
+                    self.consume(len);
+                    if !head.status.is_informational() {
+                        return Ok(head);
+                    }
+                }
+                None => {
+                    if poll_fn(|cx| self.poll_fill(cx)).await.map_err(PairError::Io)? == 0 {
+                        return Err(PairError::Io(io::ErrorKind::UnexpectedEof.into()));
+                    }
+                }
+            }
+        }
+    }
+
     async fn write_out(&mut self) -> io::Result<()> {
         let mut at = 0;
         while at < self.out.len() {
@@ -316,15 +321,16 @@ impl Body for PairBody {
         let this = self.get_mut();
         let data = match &mut this.state {
             State::Done => return Poll::Ready(None),
-            State::Whole(_) => match std::mem::replace(&mut this.state, State::Done) {
-                State::Whole(bytes) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
-                _ => unreachable!("matched above"),
-            },
+            State::Whole(bytes) => {
+                let bytes = std::mem::take(bytes);
+                this.state = State::Done;
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
             State::Reading { lease, left, keep_alive } => {
                 let data = ready!(poll_data(lease.conn(), left, cx));
-                // hyper's server lets a sized body go after its last byte, without asking for
-                // its end: the connection is free from there.
-                if matches!(left, Left::Length(0)) {
+                // Read to its end, the connection can carry the next exchange. A sized body's
+                // end is its last byte: hyper's server lets it go then, without asking for more.
+                if matches!(left, Left::Length(0) | Left::Chunked(Chunked::Done)) {
                     lease.reusable = *keep_alive;
                 }
                 data
@@ -332,18 +338,11 @@ impl Body for PairBody {
         };
         match data {
             Ok(Some(bytes)) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
-            Ok(None) => {
-                if let State::Reading { mut lease, keep_alive, left, .. } =
-                    std::mem::replace(&mut this.state, State::Done)
-                {
-                    lease.reusable = keep_alive && !matches!(left, Left::Close);
-                }
-                Poll::Ready(None)
-            }
-            // The lease goes with the state: a broken body's connection is closed.
-            Err(error) => {
+            // The lease goes with the state: back to the pair if the body was read to its end,
+            // else (a broken body, one until the connection's end) closed.
+            end => {
                 this.state = State::Done;
-                Poll::Ready(Some(Err(error)))
+                Poll::Ready(end.transpose().map(|r| r.map(Frame::data)))
             }
         }
     }
