@@ -69,6 +69,25 @@ pub(crate) fn encode_request(parts: &http::request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A header's name. `http` knows the standard ones; the registry's own, on nearly every answer,
+/// are matched here too, so that no answer's names are copied to the heap.
+fn header_name(raw: &[u8]) -> Option<HeaderName> {
+    const DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+    const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+    const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+    let known = match raw.len() {
+        21 => DIGEST,
+        31 => API_VERSION,
+        18 => UPLOAD_UUID,
+        _ => return HeaderName::from_bytes(raw).ok(),
+    };
+    if raw.eq_ignore_ascii_case(known.as_str().as_bytes()) {
+        Some(known)
+    } else {
+        HeaderName::from_bytes(raw).ok()
+    }
+}
+
 /// Parses a response head at the start of `buf`: `None` while it is incomplete, else its length
 /// and the head. `head_request`: the request was a `HEAD` (its answer has no body).
 pub(crate) fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<(usize, ResponseHead)>, H1Error> {
@@ -85,7 +104,7 @@ pub(crate) fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<(u
     let bytes = Bytes::copy_from_slice(&buf[..len]);
     let mut map = HeaderMap::with_capacity(response.headers.len());
     for h in response.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| H1Error::Head(httparse::Error::HeaderName))?;
+        let name = header_name(h.name.as_bytes()).ok_or(H1Error::Head(httparse::Error::HeaderName))?;
         let start = h.value.as_ptr() as usize - buf.as_ptr() as usize;
         let value = HeaderValue::from_maybe_shared(bytes.slice(start..start + h.value.len()))
             .map_err(|_| H1Error::Head(httparse::Error::HeaderValue))?;
@@ -267,6 +286,27 @@ mod tests {
             let (len, parsed) = parse(head, *head_request).unwrap().unwrap();
             assert_eq!(len, head.len(), "{head:?}");
             assert_eq!((parsed.framing, parsed.keep_alive), (*framing, *keep_alive), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn header_names_are_lowercase_whatever_the_registry_sent() {
+        // raw name -> the name in the map (None: refused)
+        let cases: &[(&str, Option<&str>)] = &[
+            ("Docker-Content-Digest", Some("docker-content-digest")),
+            ("docker-distribution-api-version", Some("docker-distribution-api-version")),
+            ("DOCKER-UPLOAD-UUID", Some("docker-upload-uuid")),
+            // The lengths of the known names, other names.
+            ("docker-content-digesT", Some("docker-content-digest")),
+            ("x-docker-content-dige", Some("x-docker-content-dige")),
+            ("x-registry-custom-header-nnnnnn", Some("x-registry-custom-header-nnnnnn")),
+            ("x-custom-uuid-name", Some("x-custom-uuid-name")),
+            ("Content-Type", Some("content-type")),
+            ("bad name with spac", None),
+            ("", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(header_name(raw.as_bytes()).as_ref().map(HeaderName::as_str), *want, "{raw:?}");
         }
     }
 
