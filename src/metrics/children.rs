@@ -7,9 +7,11 @@
 
 use std::sync::OnceLock;
 
+use http::Method;
 use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{Counter, CounterVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
+use super::labels::{method_index, status_label, METHODS};
 use super::Metrics;
 use crate::protocol::{Direction, Operation, Side};
 
@@ -53,6 +55,7 @@ pub(crate) struct PerRequest {
     throughput: Children<HistogramVec>,
     body_stall_total: Children<CounterVec>,
     body_stall: Children<HistogramVec>,
+    requests: Requests,
 }
 
 impl PerRequest {
@@ -67,6 +70,7 @@ impl PerRequest {
             throughput: Children::new(&m.throughput, ops * 2),
             body_stall_total: Children::new(&m.body_stall_total, ops * 4),
             body_stall: Children::new(&m.body_stall, ops * 4),
+            requests: Requests::new(m),
         }
     }
 }
@@ -79,7 +83,82 @@ fn stall_index(op: Operation, dir: Direction, side: Side) -> usize {
     body_index(op, dir) * 2 + side as usize
 }
 
+/// The statuses registries answer with, whose request series are reached by index; any other
+/// is looked up by label values.
+const STATUSES: [Option<u16>; 24] = [
+    None,
+    Some(200),
+    Some(201),
+    Some(202),
+    Some(204),
+    Some(206),
+    Some(301),
+    Some(302),
+    Some(304),
+    Some(307),
+    Some(308),
+    Some(400),
+    Some(401),
+    Some(403),
+    Some(404),
+    Some(405),
+    Some(409),
+    Some(413),
+    Some(416),
+    Some(429),
+    Some(500),
+    Some(502),
+    Some(503),
+    Some(504),
+];
+
+/// `requests_total` and `request_duration`, which share their labels.
+#[derive(Clone)]
+struct RequestFamilies(IntCounterVec, HistogramVec);
+
+impl Family for RequestFamilies {
+    type Child = (IntCounter, Histogram);
+    fn child(&self, labels: &[&str]) -> Self::Child {
+        (self.0.with_label_values(labels), self.1.with_label_values(labels))
+    }
+}
+
+/// The request families' series: a row per operation and method, made on first use (most pairs
+/// never happen), indexed by a status of [`STATUSES`].
+struct Requests {
+    families: RequestFamilies,
+    rows: Box<[OnceLock<Children<RequestFamilies>>]>,
+}
+
+impl Requests {
+    fn new(m: &Metrics) -> Self {
+        let rows = (0..Operation::ALL.len() * METHODS.len()).map(|_| OnceLock::new()).collect();
+        Requests { families: RequestFamilies(m.requests_total.clone(), m.request_duration.clone()), rows }
+    }
+
+    fn observe(&self, op: Operation, method: &Method, status: Option<u16>, seconds: f64) {
+        let method = method_index(method);
+        let labels = [op.api().as_str(), op.as_str(), METHODS[method], status_label(status)];
+        let observe = |(total, duration): &(IntCounter, Histogram)| {
+            total.inc();
+            duration.observe(seconds);
+        };
+        match STATUSES.iter().position(|s| *s == status) {
+            Some(slot) => {
+                let row = &self.rows[op as usize * METHODS.len() + method];
+                observe(row.get_or_init(|| Children::new(&self.families, STATUSES.len())).get(slot, &labels));
+            }
+            None => observe(&self.families.child(&labels)),
+        }
+    }
+}
+
 impl Metrics {
+    /// One request in `regscope_requests_total` and `regscope_request_duration_seconds`.
+    pub(crate) fn observe_request(&self, op: Operation, method: &Method, status: Option<u16>, seconds: f64) {
+        self.children().requests.observe(op, method, status, seconds);
+    }
+
     /// `regscope_in_flight_requests` for the operation's api.
     pub(crate) fn in_flight_of(&self, op: Operation) -> &IntGauge {
         self.children().in_flight.get(op as usize, &[op.api().as_str()])

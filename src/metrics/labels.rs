@@ -33,11 +33,6 @@ pub(crate) fn status_label(status: Option<u16>) -> &'static str {
     }
 }
 
-/// The method label of a request.
-pub(crate) fn method_label(method: &Method) -> &'static str {
-    METHODS[method_index(method)]
-}
-
 /// The opt-in repository label, capped: the first `cap` distinct repositories get their own
 /// value, every later one is `other`, so a client cannot grow the series count without bound.
 pub(crate) struct RepositoryLabels {

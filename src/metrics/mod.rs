@@ -9,14 +9,12 @@ mod labels;
 
 use std::sync::OnceLock;
 
-use http::Method;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use children::PerRequest;
 pub(crate) use labels::RepositoryLabels;
-use labels::{method_label, status_label};
 
 use crate::protocol::{
     Api, Culprit, Direction, FailureCause, Operation, Outcome, Party, Redirected, Side, SpanDrop, TransferDirection,
@@ -395,13 +393,6 @@ impl Metrics {
         out
     }
 
-    /// One request in `regscope_requests_total` and `regscope_request_duration_seconds`.
-    pub(crate) fn observe_request(&self, op: Operation, method: &Method, status: Option<u16>, seconds: f64) {
-        let labels = [op.api().as_str(), op.as_str(), method_label(method), status_label(status)];
-        self.requests_total.with_label_values(&labels).inc();
-        self.request_duration.with_label_values(&labels).observe(seconds);
-    }
-
     pub(crate) fn connection_gauge(&self, side: Side) -> IntGauge {
         self.connections.with_label_values(&[side.as_str()])
     }
@@ -424,6 +415,8 @@ impl OpenClients {
 
 #[cfg(test)]
 mod tests {
+    use http::Method;
+
     use super::*;
 
     #[test]
