@@ -1,9 +1,10 @@
 //! A request's series, resolved once per label set.
 //!
 //! `with_label_values` hashes the values and takes the family's lock on every call, and each
-//! request observes about a dozen series whose labels all follow from enums. Here each label set
-//! is resolved on first use (so the exposition still shows only label sets that happened) and
-//! read by index after that, without hashing or locking.
+//! request observes about a dozen series whose labels all follow from enums, and two whose
+//! status, nearly always, is one of the few registries answer with. Here each label set is
+//! resolved on first use (so the exposition still shows only label sets that happened) and read
+//! by index after that, without hashing or locking; a rare status goes by label values.
 
 use std::sync::OnceLock;
 

@@ -106,10 +106,7 @@ impl ProxyError {
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-        headers.insert(
-            header::HeaderName::from_static("docker-distribution-api-version"),
-            header::HeaderValue::from_static("registry/2.0"),
-        );
+        headers.insert(crate::wire::headers::API_VERSION, header::HeaderValue::from_static("registry/2.0"));
         if matches!(self, ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_)) {
             headers.insert(header::CONNECTION, header::HeaderValue::from_static("close"));
         }

@@ -72,11 +72,9 @@ pub(crate) fn encode_request(parts: &http::request::Parts, out: &mut Vec<u8>) {
 /// A header's name. `http` knows the standard ones; the registry's own, on nearly every answer,
 /// are matched here too, so that no answer's names are copied to the heap.
 fn header_name(raw: &[u8]) -> Option<HeaderName> {
-    const DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
-    const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
-    const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+    use crate::wire::headers::{API_VERSION, CONTENT_DIGEST, UPLOAD_UUID};
     let known = match raw.len() {
-        21 => DIGEST,
+        21 => CONTENT_DIGEST,
         31 => API_VERSION,
         18 => UPLOAD_UUID,
         _ => return HeaderName::from_bytes(raw).ok(),

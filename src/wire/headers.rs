@@ -80,8 +80,10 @@ pub struct Seen {
     pub forwarded_host: bool,
 }
 
-const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
-const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+/// The registry's own headers (distribution's API), which `http` does not know.
+pub(crate) const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+pub(crate) const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+pub(crate) const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
 
 /// One pass over `headers`: see [`Seen`].
 pub fn seen(headers: &HeaderMap) -> Seen {
