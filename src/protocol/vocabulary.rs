@@ -253,3 +253,18 @@ impl Operation {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Operation;
+
+    #[test]
+    fn operation_names_are_unique_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for op in Operation::ALL {
+            let name = op.as_str();
+            assert!(seen.insert(name), "duplicate {name}");
+            assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+        }
+    }
+}
