@@ -72,18 +72,20 @@ pub(crate) fn encode_request(parts: &http::request::Parts, out: &mut Vec<u8>) {
 /// A header's name. `http` knows the standard ones; the registry's own, on nearly every answer,
 /// are matched here too, so that no answer's names are copied to the heap.
 fn header_name(raw: &[u8]) -> Option<HeaderName> {
+    registry_name(raw).or_else(|| HeaderName::from_bytes(raw).ok())
+}
+
+/// One of the registry's own names, in any case. Told apart by length first: a loop over the
+/// names costs a third of what matching them saves.
+fn registry_name(raw: &[u8]) -> Option<HeaderName> {
     use crate::wire::headers::{API_VERSION, CONTENT_DIGEST, UPLOAD_UUID};
     let known = match raw.len() {
         21 => CONTENT_DIGEST,
         31 => API_VERSION,
         18 => UPLOAD_UUID,
-        _ => return HeaderName::from_bytes(raw).ok(),
+        _ => return None,
     };
-    if raw.eq_ignore_ascii_case(known.as_str().as_bytes()) {
-        Some(known)
-    } else {
-        HeaderName::from_bytes(raw).ok()
-    }
+    raw.eq_ignore_ascii_case(known.as_str().as_bytes()).then_some(known)
 }
 
 /// Parses a response head at the start of `buf`: `None` while it is incomplete, else its length
@@ -289,6 +291,7 @@ mod tests {
 
     #[test]
     fn header_names_are_lowercase_whatever_the_registry_sent() {
+        use crate::wire::headers::{API_VERSION, CONTENT_DIGEST, UPLOAD_UUID};
         // raw name -> the name in the map (None: refused)
         let cases: &[(&str, Option<&str>)] = &[
             ("Docker-Content-Digest", Some("docker-content-digest")),
@@ -306,6 +309,13 @@ mod tests {
         for (raw, want) in cases {
             assert_eq!(header_name(raw.as_bytes()).as_ref().map(HeaderName::as_str), *want, "{raw:?}");
         }
+        // The registry's names take the path without an allocation, whatever their case.
+        for name in [CONTENT_DIGEST, API_VERSION, UPLOAD_UUID] {
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(registry_name(upper.as_bytes()), Some(name.clone()), "{name}");
+            assert_eq!(registry_name(name.as_str().as_bytes()), Some(name), "matched by length");
+        }
+        assert_eq!(registry_name(b"x-docker-content-dige"), None);
     }
 
     #[test]
