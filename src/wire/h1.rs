@@ -91,9 +91,12 @@ fn registry_name(raw: &[u8]) -> Option<HeaderName> {
 /// Parses a response head at the start of `buf`: `None` while it is incomplete, else its length
 /// and the head. `head_request`: the request was a `HEAD` (its answer has no body).
 pub(crate) fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<(usize, ResponseHead)>, H1Error> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(buf).map_err(H1Error::Head)? {
+    // Left uninitialised: httparse writes only the entries it fills, not all 3 KiB of slots on
+    // every response.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut headers);
+    let len = match parsed.map_err(H1Error::Head)? {
         httparse::Status::Complete(len) => len,
         httparse::Status::Partial => return Ok(None),
     };
