@@ -6,7 +6,7 @@
 //!   client connection's task, so no request or response crosses between tasks.
 //! - `raw`: no HTTP library at all. Each client connection gets its own upstream connection; heads
 //!   are parsed by httparse only to find their ends and the response's `Content-Length`, then
-//!   passed on as read. Bodiless requests only (a request with a body closes the connection): it
+//!   passed on as read. GETs without a body only (anything else closes the connection): it
 //!   is the least a tokio proxy can do per manifest GET, a floor, not a proxy to use.
 //!
 //! `cargo build --release --example bare_proxy`, then
@@ -79,10 +79,12 @@ async fn serve_raw(mut client: TcpStream, authority: http::uri::Authority) -> st
         let mut fields = [httparse::EMPTY_HEADER; 64];
         let mut parsed = httparse::Request::new(&mut fields);
         parsed.parse(&request[..head]).map_err(|e| Error::new(ErrorKind::InvalidData, e))?;
-        if parsed.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("transfer-encoding")
-                || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
-        }) {
+        if parsed.method != Some("GET")
+            || parsed.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("transfer-encoding")
+                    || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+            })
+        {
             return Err(ErrorKind::Unsupported.into());
         }
         upstream.write_all(&request[..head]).await?;
