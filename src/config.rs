@@ -118,6 +118,13 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_UPLOAD_SLOTS", default_value_t = 64)]
     pub upload_slots: usize,
 
+    /// Blob downloads whose bodies stream through at once; the others wait before being
+    /// forwarded, until one ends or sends its client nothing for a second (its slot is then
+    /// taken over). A thousand GETs at once so hold about half the memory and move faster. 0: no
+    /// limit.
+    #[arg(long, env = "REGSCOPE_DOWNLOAD_SLOTS", default_value_t = 64)]
+    pub download_slots: usize,
+
     /// Threads serving connections; default one per CPU. 1 runs everything on one thread: less
     /// CPU per small request (no wake-ups between threads), but one core at most.
     #[arg(long, env = "REGSCOPE_THREADS", value_parser = clap::value_parser!(u16).range(1..))]

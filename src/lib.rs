@@ -100,7 +100,9 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         host_mode: config.host_header,
         response_timeout: config.upstream_response_timeout,
         stall_timeout: (!config.body_stall_timeout.is_zero()).then_some(config.body_stall_timeout),
-        admission: (config.upload_slots > 0).then(|| admission::Admission::new(config.upload_slots, &metrics)),
+        admission: (config.upload_slots > 0).then(|| admission::Admission::uploads(config.upload_slots, &metrics)),
+        download_admission: (config.download_slots > 0)
+            .then(|| admission::Admission::downloads(config.download_slots, &metrics)),
         redirects: Arc::new(Redirects::new()),
         capture_storage: config.redirects == config::RedirectMode::Capture,
         capture_auth: config.auth_realms == config::RedirectMode::Capture,

@@ -1,7 +1,8 @@
-//! Upload admission (`--upload-slots`, `src/admission.rs`) against the real registry, with one
-//! slot: an upload that keeps sending keeps it, and the next upload waits until it is over; an
-//! upload whose client goes quiet loses it after about a second and carries on without it.
-//! Either way every blob arrives whole, and the waits are counted.
+//! Upload and download admission (`--upload-slots`, `--download-slots`,
+//! `src/limits/admission.rs`) against the real registry, with one slot: a transfer that keeps
+//! moving keeps it, and the next one waits until it is over; one whose client goes quiet loses it
+//! after about a second and carries on without it. Either way every blob arrives whole, and the
+//! waits are counted.
 
 mod support;
 
@@ -171,4 +172,132 @@ fn an_upload_whose_client_goes_quiet_loses_its_slot_and_both_arrive_whole() {
     assert_stored(&registry, &third);
     let (waiting, count, _) = waits(&regscope);
     assert_eq!((waiting, count), (0.0, waits_before), "the third upload waited, or a wait is left");
+}
+
+// === downloads (`--download-slots`) ===
+
+/// `len` bytes of the pattern for `seed`, however many blocks of it that takes.
+fn big_blob(seed: u64, len: usize) -> Vec<u8> {
+    let mut pattern = Pattern::new(seed);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        out.extend_from_slice(pattern.next_slice(len - out.len()));
+    }
+    out
+}
+
+fn one_download_slot() -> (Registry, Regscope) {
+    let registry = Registry::start();
+    let regscope = Regscope::start(&["--upstream", &registry.url(), "--download-slots", "1"]);
+    (registry, regscope)
+}
+
+/// (downloads waiting now, waits counted, seconds waited in all)
+fn download_waits(regscope: &Regscope) -> (f64, f64, f64) {
+    let text = regscope.metrics_text();
+    (
+        metric_sum(&text, "regscope_downloads_waiting", &[]),
+        metric_sum(&text, "regscope_download_admission_wait_seconds_count", &[]),
+        metric_sum(&text, "regscope_download_admission_wait_seconds_sum", &[]),
+    )
+}
+
+/// `GET` of the blob, its head read; the body is left to the caller. The connection's receive
+/// buffer is small (loopback's grows to 32 MiB here), so regscope can send only as fast as the
+/// client reads.
+fn start_get(proxy: SocketAddr, blob: &[u8]) -> (Conn<std::net::TcpStream>, support::client::ResponseHead) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(64 << 10).unwrap();
+    socket.connect(&proxy.into()).unwrap();
+    let mut conn = Conn::new(std::net::TcpStream::from(socket));
+    let target = format!("/v2/{REPO}/blobs/{}", digest_of(blob));
+    conn.send_head("GET", &target, &[("Host", &proxy.to_string())]).unwrap();
+    let head = conn.read_head().unwrap();
+    assert_eq!(head.status, 200, "GET {target}");
+    (conn, head)
+}
+
+/// Reads the rest of the body, at most `rate` bytes a second (0: as fast as it comes); asserts
+/// it is the blob, whole.
+fn finish_get(conn: &mut Conn<std::net::TcpStream>, head: &support::client::ResponseHead, blob: &[u8], rate: u64) {
+    let mut hash = <sha2::Sha256 as sha2::Digest>::new();
+    let len = conn
+        .read_body(head, |bytes| {
+            sha2::Digest::update(&mut hash, bytes);
+            if rate > 0 {
+                thread::sleep(Duration::from_secs_f64(bytes.len() as f64 / rate as f64));
+            }
+        })
+        .unwrap();
+    assert_eq!(len, blob.len() as u64, "the body's length");
+    let digest = format!("sha256:{}", support::client::hex(&sha2::Digest::finalize(hash)));
+    assert_eq!(digest, digest_of(blob), "the body is not the blob");
+}
+
+/// A whole GET of the blob on a connection of its own; returns how long it took.
+fn get_whole(proxy: SocketAddr, blob: &[u8]) -> Duration {
+    let started = Instant::now();
+    let (mut conn, head) = start_get(proxy, blob);
+    finish_get(&mut conn, &head, blob, 0);
+    started.elapsed()
+}
+
+#[test]
+fn a_download_whose_client_keeps_reading_keeps_its_slot_and_the_next_waits_for_it() {
+    let (_registry, regscope) = one_download_slot();
+    let proxy = regscope.proxy_addr();
+    // Larger than what the socket buffers between regscope and the client hold, read at a few
+    // MiB a second: regscope sends the first body for seconds, never quiet for one.
+    let big = big_blob(0xF6, 32 << 20);
+    let small = blob(0x17, 64 << 10);
+    upload_whole(proxy, &big);
+    upload_whole(proxy, &small);
+
+    let (mut a, head) = start_get(proxy, &big);
+    let reading = thread::spawn({
+        let big = big.clone();
+        move || finish_get(&mut a, &head, &big, 8 << 20)
+    });
+    thread::sleep(Duration::from_millis(300));
+    let took = get_whole(proxy, &small);
+    reading.join().expect("the first download");
+    assert!(took >= Duration::from_millis(1200), "the second download took {took:?} while the only slot was held");
+    let (waiting, count, seconds) = download_waits(&regscope);
+    assert_eq!((waiting, count), (0.0, 1.0), "one wait (the second download's), none left");
+    assert!(seconds >= 1.0, "the second download waited {seconds} s");
+}
+
+#[test]
+fn a_download_whose_client_stops_reading_loses_its_slot_and_both_arrive_whole() {
+    let (_registry, regscope) = one_download_slot();
+    let proxy = regscope.proxy_addr();
+    let big = big_blob(0x28, 32 << 20);
+    let small = blob(0x39, 64 << 10);
+    upload_whole(proxy, &big);
+    upload_whole(proxy, &small);
+
+    // The first client reads the head and then nothing: regscope fills the socket buffers and
+    // stops, holding the only slot.
+    let (mut a, head) = start_get(proxy, &big);
+    let (done, finished) = mpsc::channel();
+    thread::spawn({
+        let small = small.clone();
+        move || {
+            let _ = done.send(get_whole(proxy, &small));
+        }
+    });
+    let took = finished.recv_timeout(Duration::from_secs(5)).expect("a stopped download kept the only slot for 5 s");
+    assert!(
+        took >= Duration::from_millis(900),
+        "went through in {took:?}, while a stopped download held the only slot"
+    );
+
+    // The stopped one was not cut off: it carries on without a slot and arrives whole.
+    finish_get(&mut a, &head, &big, 0);
+
+    // The slot went back exactly once: the next download finds it free at once.
+    let took = get_whole(proxy, &small);
+    assert!(took < Duration::from_millis(900), "the slot was not free after both downloads ended: {took:?}");
+    let (waiting, count, _) = download_waits(&regscope);
+    assert_eq!((waiting, count), (0.0, 1.0), "one wait (the second download's), none left");
 }

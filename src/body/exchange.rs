@@ -381,6 +381,15 @@ impl Progress for Exchange {
     }
 }
 
+/// An exchange's response body bytes so far: what download admission watches.
+pub(crate) struct Downloaded(pub(crate) Arc<Exchange>);
+
+impl Progress for Downloaded {
+    fn bytes(&self) -> u64 {
+        self.0.download_progress.load(Ordering::Relaxed)
+    }
+}
+
 impl Drop for Exchange {
     fn drop(&mut self) {
         // Moved, not copied: the record is whole only now, and it is the exchange's last act.

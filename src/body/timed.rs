@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use super::capture::Capture;
 use super::drain::{Deferred, Drain};
 use super::outcome::{finish, BodyRecorder, Tally};
+use crate::limits::admission::Ticket;
 use crate::protocol::{BodyEnd, Direction};
 /// The error a stalled body ends with: the connection it feeds is aborted, never finished.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,8 @@ pin_project! {
         watchdog: Option<Watchdog>,
         // The sink connection's flush signal; `None`: the body ends when its source does.
         drain: Option<Arc<Drain>>,
+        // A download slot, given back when the body is dropped (its end, or its abandonment).
+        slot: Option<Ticket>,
     }
 
     impl<B: Body> PinnedDrop for TimedBody<B> {
@@ -101,10 +104,17 @@ impl<B: Body> TimedBody<B> {
             done: false,
             watchdog: None,
             drain: None,
+            slot: None,
         }
     }
 
     /// Records the end only once the sink's connection has written everything out (see [`Drain`]).
+    /// Holds `slot` for as long as the body lives.
+    pub(crate) fn hold(mut self, slot: Option<Ticket>) -> Self {
+        self.slot = slot;
+        self
+    }
+
     pub(crate) fn drain(mut self, drain: Option<Arc<Drain>>) -> Self {
         self.drain = drain;
         self

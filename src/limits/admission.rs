@@ -1,4 +1,4 @@
-//! Upload admission: how many request bodies stream through at once.
+//! Upload and download admission: how many blob bodies stream through at once.
 //!
 //! An upload streaming through holds its client connection's grown read buffer, an upstream
 //! connection with its buffers, and the frames on their way between the two; one that has not
@@ -14,8 +14,14 @@
 //! a stalled client holds nobody up for much longer than that; a slow one that keeps sending
 //! keeps its slot.
 //!
-//! A wait is regscope's own time: counted in `regscope_upload_admission_wait_seconds`, and in a
-//! transfer's timeline it is the request's turnaround before it is forwarded.
+//! Blob downloads have slots of their own (`--download-slots`), taken before the GET is forwarded
+//! and held by the response body until it ends: a streaming download holds an upstream
+//! connection's buffers and the frames between the two, a waiting one only its client
+//! connection's. A holder's bytes are then what it sent to its client.
+//!
+//! A wait is regscope's own time: counted in `regscope_upload_admission_wait_seconds` (and
+//! `regscope_download_admission_wait_seconds`), and in a transfer's timeline it is the request's
+//! turnaround before it is forwarded.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -98,14 +104,30 @@ pub(crate) fn needs_slot(operation: Operation, body_is_empty: bool, declared: Op
     starts || (!body_is_empty && declared.is_none_or(|length| length > SMALL_BODY))
 }
 
+/// Whether a request needs a download slot: a GET of a blob or layer, or of a redirect's storage.
+/// A registry that redirects answers the blob GET with a head only, so its slot is held briefly.
+pub(crate) fn needs_download_slot(operation: Operation, method: &http::Method) -> bool {
+    method == http::Method::GET
+        && matches!(operation, Operation::BlobGet | Operation::V1LayerGet | Operation::StorageGet)
+}
+
 impl Admission {
     /// `slots` uploads at a time (at least one).
-    pub(crate) fn new(slots: usize, metrics: &Metrics) -> Arc<Admission> {
+    pub(crate) fn uploads(slots: usize, metrics: &Metrics) -> Arc<Admission> {
+        Admission::new(slots, &metrics.uploads_waiting, &metrics.upload_admission_wait)
+    }
+
+    /// `slots` blob downloads at a time (at least one).
+    pub(crate) fn downloads(slots: usize, metrics: &Metrics) -> Arc<Admission> {
+        Admission::new(slots, &metrics.downloads_waiting, &metrics.download_admission_wait)
+    }
+
+    fn new(slots: usize, waiting: &IntGauge, wait: &Histogram) -> Arc<Admission> {
         Arc::new(Admission {
             permits: Arc::new(Semaphore::new(slots.max(1))),
             holders: Mutex::new(Vec::new()),
-            waiting: metrics.uploads_waiting.clone(),
-            wait: metrics.upload_admission_wait.clone(),
+            waiting: waiting.clone(),
+            wait: wait.clone(),
         })
     }
 
@@ -227,6 +249,26 @@ mod tests {
     }
 
     #[test]
+    fn blob_and_storage_gets_need_a_download_slot_and_nothing_else_does() {
+        use Operation::*;
+        let (get, head) = (http::Method::GET, http::Method::HEAD);
+        let cases: &[(Operation, &http::Method, bool)] = &[
+            (BlobGet, &get, true),
+            (V1LayerGet, &get, true),
+            (StorageGet, &get, true),
+            (BlobGet, &head, false),
+            (StorageHead, &head, false),
+            (ManifestGet, &get, false),
+            (TagsList, &get, false),
+            (Other, &get, false),
+            (UploadChunk, &http::Method::PATCH, false),
+        ];
+        for &(operation, method, want) in cases {
+            assert_eq!(needs_download_slot(operation, method), want, "{method} {operation:?}");
+        }
+    }
+
+    #[test]
     fn a_watch_calls_stalled_only_after_stall_without_bytes() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
@@ -248,7 +290,7 @@ mod tests {
     }
 
     fn admission(slots: usize) -> Arc<Admission> {
-        Admission::new(slots, &Metrics::new(0))
+        Admission::uploads(slots, &Metrics::new(0))
     }
 
     #[tokio::test(start_paused = true)]

@@ -88,6 +88,8 @@ pub(crate) struct Metrics {
     pub upstream_connect: Histogram,
     pub uploads_waiting: IntGauge,
     pub upload_admission_wait: Histogram,
+    pub downloads_waiting: IntGauge,
+    pub download_admission_wait: Histogram,
     pub upstream_errors: IntCounterVec,
     pub aborted: IntCounterVec,
     pub stalled: IntCounterVec,
@@ -223,6 +225,16 @@ impl Metrics {
                 "Per upload that found every slot (--upload-slots) taken: how long it waited to be forwarded.",
                 DURATION_BUCKETS,
             ),
+            downloads_waiting: IntGauge::new(
+                "regscope_downloads_waiting",
+                "Blob downloads waiting for a slot (--download-slots) before being forwarded, right now.",
+            )
+            .expect("valid gauge definition"),
+            download_admission_wait: unlabelled_histogram(
+                "regscope_download_admission_wait_seconds",
+                "Per blob download that found every slot (--download-slots) taken: how long it waited to be forwarded.",
+                DURATION_BUCKETS,
+            ),
             upstream_errors: counter(
                 "regscope_upstream_errors_total",
                 "Exchanges that failed on the registry side, by cause.",
@@ -320,6 +332,8 @@ impl Metrics {
         register(Box::new(m.upstream_connect.clone()));
         register(Box::new(m.uploads_waiting.clone()));
         register(Box::new(m.upload_admission_wait.clone()));
+        register(Box::new(m.downloads_waiting.clone()));
+        register(Box::new(m.download_admission_wait.clone()));
         register(Box::new(m.upstream_errors.clone()));
         register(Box::new(m.aborted.clone()));
         register(Box::new(m.stalled.clone()));

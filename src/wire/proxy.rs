@@ -15,8 +15,8 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::body::{Downloaded, Exchange, Recorders, ResponseInfo};
 use crate::body::{Drain, TimedBody};
-use crate::body::{Exchange, Recorders, ResponseInfo};
 use crate::limits::admission::{self, Admission};
 use crate::limits::head_timeout::{EndsRequest, HeadClock};
 use crate::protocol::CAPTURE_LIMIT;
@@ -80,6 +80,8 @@ pub(crate) struct Proxy {
     pub stall_timeout: Option<Duration>,
     /// `None`: uploads stream through without waiting for a slot.
     pub admission: Option<Arc<Admission>>,
+    /// `None`: blob downloads stream through without waiting for a slot.
+    pub download_admission: Option<Arc<Admission>>,
     pub recorders: Arc<Recorders>,
     /// Handles for redirects to other hosts and for token realms.
     pub redirects: Arc<Redirects>,
@@ -297,6 +299,13 @@ impl Proxy {
             }
             _ => None,
         };
+        // Held by the response body until it ends.
+        let download_slot = match &self.download_admission {
+            Some(slots) if admission::needs_download_slot(exchange.info().operation, &parts.method) => {
+                Some(slots.admit(Arc::new(Downloaded(exchange.clone()))).await)
+            }
+            _ => None,
+        };
         exchange.mark_forwarded(sends_body);
         let upstream_name = match target.url() {
             None => self.upstream.display.as_str(),
@@ -337,7 +346,8 @@ impl Proxy {
         exchange.mark_response_head(parts.status.as_u16(), info);
         let mut body = TimedBody::new(body, Direction::Download, exchange.clone())
             .stall_timeout(self.stall_timeout)
-            .drain(conn.drain.clone());
+            .drain(conn.drain.clone())
+            .hold(download_slot);
         if capture {
             body = body.capture(CAPTURE_LIMIT, declared);
         }
