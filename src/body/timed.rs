@@ -108,13 +108,13 @@ impl<B: Body> TimedBody<B> {
         }
     }
 
-    /// Records the end only once the sink's connection has written everything out (see [`Drain`]).
     /// Holds `slot` for as long as the body lives.
     pub(crate) fn hold(mut self, slot: Option<Ticket>) -> Self {
         self.slot = slot;
         self
     }
 
+    /// Records the end only once the sink's connection has written everything out (see [`Drain`]).
     pub(crate) fn drain(mut self, drain: Option<Arc<Drain>>) -> Self {
         self.drain = drain;
         self
