@@ -17,7 +17,6 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::outcome::{BodyOutcome, BodyRecorder};
-use crate::limits::admission::Progress;
 use crate::limits::buffers::Stream;
 use crate::metrics::{Metrics, THROUGHPUT_MIN_BYTES};
 use crate::protocol::{Api, Operation, Route};
@@ -366,27 +365,17 @@ impl BodyRecorder for Exchange {
     }
 
     fn progressed(&self, direction: Direction, bytes: u64) {
-        let progress = match direction {
+        self.progress(direction).fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Exchange {
+    /// A body's bytes so far, live: what admission watches.
+    pub(crate) fn progress(&self, direction: Direction) -> &AtomicU64 {
+        match direction {
             Direction::Upload => &self.upload_progress,
             Direction::Download => &self.download_progress,
-        };
-        progress.fetch_add(bytes, Ordering::Relaxed);
-    }
-}
-
-impl Progress for Exchange {
-    /// The request body's bytes so far: what upload admission watches.
-    fn bytes(&self) -> u64 {
-        self.upload_progress.load(Ordering::Relaxed)
-    }
-}
-
-/// An exchange's response body bytes so far: what download admission watches.
-pub(crate) struct Downloaded(pub(crate) Arc<Exchange>);
-
-impl Progress for Downloaded {
-    fn bytes(&self) -> u64 {
-        self.0.download_progress.load(Ordering::Relaxed)
+        }
     }
 }
 

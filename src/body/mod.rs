@@ -9,6 +9,6 @@ mod timed;
 
 pub(crate) use drain::Drain;
 pub use exchange::LiveExchange;
-pub(crate) use exchange::{Downloaded, Exchange, ExchangeRecord, ExchangeSink, Recorders, ResponseInfo};
+pub(crate) use exchange::{Exchange, ExchangeRecord, ExchangeSink, Recorders, ResponseInfo};
 pub(crate) use outcome::BodyOutcome;
 pub(crate) use timed::TimedBody;

@@ -23,7 +23,6 @@ use tokio::time::Instant;
 use super::capture::Capture;
 use super::drain::{Deferred, Drain};
 use super::outcome::{finish, BodyRecorder, Tally};
-use crate::limits::admission::Ticket;
 use crate::protocol::{BodyEnd, Direction};
 /// The error a stalled body ends with: the connection it feeds is aborted, never finished.
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +72,8 @@ pin_project! {
         watchdog: Option<Watchdog>,
         // The sink connection's flush signal; `None`: the body ends when its source does.
         drain: Option<Arc<Drain>>,
-        // A download slot, given back when the body is dropped (its end, or its abandonment).
-        slot: Option<Ticket>,
+        // Kept until the body is dropped (its end, or its abandonment): a download slot.
+        held: Option<Box<dyn std::any::Any + Send + Sync>>,
     }
 
     impl<B: Body> PinnedDrop for TimedBody<B> {
@@ -104,13 +103,13 @@ impl<B: Body> TimedBody<B> {
             done: false,
             watchdog: None,
             drain: None,
-            slot: None,
+            held: None,
         }
     }
 
-    /// Holds `slot` for as long as the body lives.
-    pub(crate) fn hold(mut self, slot: Option<Ticket>) -> Self {
-        self.slot = slot;
+    /// Keeps `held` for as long as the body lives.
+    pub(crate) fn hold(mut self, held: Option<Box<dyn std::any::Any + Send + Sync>>) -> Self {
+        self.held = held;
         self
     }
 

@@ -31,8 +31,9 @@ use prometheus::{Histogram, IntGauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::body::Exchange;
 use crate::metrics::{Counted, Metrics};
-use crate::protocol::Operation;
+use crate::protocol::{Direction, Operation};
 
 /// How long a holder may move nothing before a waiter takes its slot.
 pub(crate) const STALL: Duration = Duration::from_secs(1);
@@ -62,6 +63,22 @@ pub(crate) trait Progress: Send + Sync {
 impl Progress for AtomicU64 {
     fn bytes(&self) -> u64 {
         self.load(Ordering::Relaxed)
+    }
+}
+
+/// An upload's request body bytes so far.
+impl Progress for Exchange {
+    fn bytes(&self) -> u64 {
+        self.progress(Direction::Upload).load(Ordering::Relaxed)
+    }
+}
+
+/// A download's response body bytes so far (sent on toward its client).
+pub(crate) struct Downloaded(pub(crate) Arc<Exchange>);
+
+impl Progress for Downloaded {
+    fn bytes(&self) -> u64 {
+        self.0.progress(Direction::Download).load(Ordering::Relaxed)
     }
 }
 

@@ -15,9 +15,9 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::{Downloaded, Exchange, Recorders, ResponseInfo};
 use crate::body::{Drain, TimedBody};
-use crate::limits::admission::{self, Admission};
+use crate::body::{Exchange, Recorders, ResponseInfo};
+use crate::limits::admission::{self, Admission, Downloaded};
 use crate::limits::head_timeout::{EndsRequest, HeadClock};
 use crate::protocol::CAPTURE_LIMIT;
 use crate::protocol::{classify, Operation, Route};
@@ -302,7 +302,7 @@ impl Proxy {
         // Held by the response body until it ends.
         let download_slot = match &self.download_admission {
             Some(slots) if admission::needs_download_slot(exchange.info().operation, &parts.method) => {
-                Some(slots.admit(Arc::new(Downloaded(exchange.clone()))).await)
+                Some(Box::new(slots.admit(Arc::new(Downloaded(exchange.clone()))).await) as Box<_>)
             }
             _ => None,
         };
