@@ -70,9 +70,14 @@ fn assert_stored(registry: &Registry, blob: &[u8]) {
     assert_eq!(head.header("content-length"), Some(blob.len().to_string().as_str()), "HEAD {target}");
 }
 
-/// `len` bytes of the pattern for `seed`.
+/// `len` bytes of the pattern for `seed`, however many of its blocks that takes.
 fn blob(seed: u64, len: usize) -> Vec<u8> {
-    Pattern::new(seed).next_slice(len).to_vec()
+    let mut pattern = Pattern::new(seed);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        out.extend_from_slice(pattern.next_slice(len - out.len()));
+    }
+    out
 }
 
 /// (uploads waiting now, waits counted, seconds waited in all)
@@ -176,16 +181,6 @@ fn an_upload_whose_client_goes_quiet_loses_its_slot_and_both_arrive_whole() {
 
 // === downloads (`--download-slots`) ===
 
-/// `len` bytes of the pattern for `seed`, however many blocks of it that takes.
-fn big_blob(seed: u64, len: usize) -> Vec<u8> {
-    let mut pattern = Pattern::new(seed);
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        out.extend_from_slice(pattern.next_slice(len - out.len()));
-    }
-    out
-}
-
 fn one_download_slot() -> (Registry, Regscope) {
     let registry = Registry::start();
     let regscope = Regscope::start(&["--upstream", &registry.url(), "--download-slots", "1"]);
@@ -248,7 +243,7 @@ fn a_download_whose_client_keeps_reading_keeps_its_slot_and_the_next_waits_for_i
     let proxy = regscope.proxy_addr();
     // Larger than what the socket buffers between regscope and the client hold, read at a few
     // MiB a second: regscope sends the first body for seconds, never quiet for one.
-    let big = big_blob(0xF6, 32 << 20);
+    let big = blob(0xF6, 32 << 20);
     let small = blob(0x17, 64 << 10);
     upload_whole(proxy, &big);
     upload_whole(proxy, &small);
@@ -271,7 +266,7 @@ fn a_download_whose_client_keeps_reading_keeps_its_slot_and_the_next_waits_for_i
 fn a_download_whose_client_stops_reading_loses_its_slot_and_both_arrive_whole() {
     let (_registry, regscope) = one_download_slot();
     let proxy = regscope.proxy_addr();
-    let big = big_blob(0x28, 32 << 20);
+    let big = blob(0x28, 32 << 20);
     let small = blob(0x39, 64 << 10);
     upload_whole(proxy, &big);
     upload_whole(proxy, &small);
