@@ -120,8 +120,8 @@ pub struct ServeConfig {
 
     /// Blob downloads whose bodies stream through at once; the others wait before being
     /// forwarded, until one ends or sends its client nothing for a second (its slot is then
-    /// taken over). A thousand GETs at once so hold about half the memory and move faster. 0: no
-    /// limit.
+    /// taken over). A streaming download holds an upstream connection's buffers, a waiting one
+    /// only its client connection's. HEADs and manifests never wait. 0: no limit.
     #[arg(long, env = "REGSCOPE_DOWNLOAD_SLOTS", default_value_t = 64)]
     pub download_slots: usize,
 
