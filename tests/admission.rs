@@ -181,10 +181,15 @@ fn an_upload_whose_client_goes_quiet_loses_its_slot_and_both_arrive_whole() {
 
 // === downloads (`--download-slots`) ===
 
-fn one_download_slot() -> (Registry, Regscope) {
+/// regscope with one download slot, and two blobs stored through it: a big one (32 MiB) and a
+/// small one (64 KiB), from the patterns for `big` and `small`.
+fn one_download_slot(big: u64, small: u64) -> (Registry, Regscope, Vec<u8>, Vec<u8>) {
     let registry = Registry::start();
     let regscope = Regscope::start(&["--upstream", &registry.url(), "--download-slots", "1"]);
-    (registry, regscope)
+    let (big, small) = (blob(big, 32 << 20), blob(small, 64 << 10));
+    upload_whole(regscope.proxy_addr(), &big);
+    upload_whole(regscope.proxy_addr(), &small);
+    (registry, regscope, big, small)
 }
 
 /// (downloads waiting now, waits counted, seconds waited in all)
@@ -239,14 +244,10 @@ fn get_whole(proxy: SocketAddr, blob: &[u8]) -> Duration {
 
 #[test]
 fn a_download_whose_client_keeps_reading_keeps_its_slot_and_the_next_waits_for_it() {
-    let (_registry, regscope) = one_download_slot();
+    // The big blob is larger than what the socket buffers between regscope and the client hold,
+    // and read at a few MiB a second: regscope sends its body for seconds, never quiet for one.
+    let (_registry, regscope, big, small) = one_download_slot(0xF6, 0x17);
     let proxy = regscope.proxy_addr();
-    // Larger than what the socket buffers between regscope and the client hold, read at a few
-    // MiB a second: regscope sends the first body for seconds, never quiet for one.
-    let big = blob(0xF6, 32 << 20);
-    let small = blob(0x17, 64 << 10);
-    upload_whole(proxy, &big);
-    upload_whole(proxy, &small);
 
     let (mut a, head) = start_get(proxy, &big);
     let reading = thread::spawn({
@@ -264,12 +265,8 @@ fn a_download_whose_client_keeps_reading_keeps_its_slot_and_the_next_waits_for_i
 
 #[test]
 fn a_download_whose_client_stops_reading_loses_its_slot_and_both_arrive_whole() {
-    let (_registry, regscope) = one_download_slot();
+    let (_registry, regscope, big, small) = one_download_slot(0x28, 0x39);
     let proxy = regscope.proxy_addr();
-    let big = blob(0x28, 32 << 20);
-    let small = blob(0x39, 64 << 10);
-    upload_whole(proxy, &big);
-    upload_whole(proxy, &small);
 
     // The first client reads the head and then nothing: regscope fills the socket buffers and
     // stops, holding the only slot.

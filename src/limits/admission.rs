@@ -55,7 +55,7 @@ pub(crate) struct Admission {
     wait: Histogram,
 }
 
-/// An upload's live byte count, as its holder reports it.
+/// A transfer's live byte count (an upload's or a download's), as its holder reports it.
 pub(crate) trait Progress: Send + Sync {
     fn bytes(&self) -> u64;
 }
@@ -83,7 +83,7 @@ impl Progress for Downloaded {
 }
 
 struct Holder {
-    /// The upload's live byte count (the exchange's, kept by its timed body); also what tells
+    /// The transfer's live byte count (the exchange's, kept by its timed body); also what tells
     /// holders apart, as each exchange has its own.
     progress: Arc<dyn Progress>,
     watch: Watch,
@@ -148,7 +148,7 @@ impl Admission {
         })
     }
 
-    /// Waits for a slot for the upload whose live byte count is `progress`; the slot is held
+    /// Waits for a slot for the transfer whose live byte count is `progress`; the slot is held
     /// until the ticket is dropped. First come, first served.
     pub(crate) async fn admit(self: &Arc<Self>, progress: Arc<dyn Progress>) -> Ticket {
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -201,7 +201,7 @@ impl Admission {
     }
 }
 
-/// An admitted upload's slot. Dropped, it goes back, unless a waiter has taken it over: then
+/// An admitted transfer's slot. Dropped, it goes back, unless a waiter has taken it over: then
 /// the permit is forgotten, as the taker added one in its place.
 pub(crate) struct Ticket {
     admission: Arc<Admission>,
