@@ -8,11 +8,12 @@
 //! move bytes as fast for dozens of streams as for a thousand) in a fraction of the memory.
 //! Starting an upload takes a slot too (see [`needs_slot`]). Measurements: `docs/design.md`.
 //!
-//! A slot is for moving bytes, not for waiting: a waiter takes the slot of a holder that has
-//! moved nothing for [`STALL`] (its client stopped sending, or the registry stopped reading),
-//! looking on arrival and every [`LOOK_EVERY`] after, and that holder carries on without one. So
-//! a stalled client holds nobody up for much longer than that; a slow one that keeps sending
-//! keeps its slot.
+//! A slot is for moving bytes, not for waiting: the slot of a holder that has moved nothing for
+//! [`STALL`] (its client stopped sending, or the registry stopped reading) goes to the first
+//! waiter, and that holder carries on without one. A new waiter looks on arrival; while any
+//! wait, one task looks every [`LOOK_EVERY`] for all of them (a thousand waiters each looking
+//! would cost more CPU than the uploads they wait for). So a stalled client holds nobody up for
+//! much longer than that; a slow one that keeps sending keeps its slot.
 //!
 //! Blob downloads have slots of their own (`--download-slots`), taken before the GET is forwarded
 //! and held by the response body until it ends: a streaming download holds an upstream
@@ -38,8 +39,8 @@ use crate::protocol::{Direction, Operation};
 /// How long a holder may move nothing before a waiter takes its slot.
 pub(crate) const STALL: Duration = Duration::from_secs(1);
 
-/// How often a waiter looks for a stalled holder: a holder is seen stalled at most this long
-/// after [`STALL`].
+/// How often a stalled holder is looked for while anyone waits: a holder is seen stalled at
+/// most this long after [`STALL`].
 pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(250);
 
 /// Bodies that declare at most this many bytes need no slot (manifests, tag lists): they fit in
@@ -49,10 +50,19 @@ pub(crate) const SMALL_BODY: u64 = 64 << 10;
 /// The slots, who holds them, and the metrics of waiting for one.
 pub(crate) struct Admission {
     permits: Arc<Semaphore>,
-    /// At most one per slot.
-    holders: Mutex<Vec<Holder>>,
+    state: Mutex<State>,
     waiting: IntGauge,
     wait: Histogram,
+}
+
+/// Who holds the slots and how many wait for one.
+#[derive(Default)]
+struct State {
+    /// At most one per slot.
+    holders: Vec<Holder>,
+    waiters: usize,
+    /// Whether a task looks for stalled holders on the waiters' behalf.
+    watched: bool,
 }
 
 /// A transfer's live byte count (an upload's or a download's), as its holder reports it.
@@ -142,7 +152,7 @@ impl Admission {
     fn new(slots: usize, waiting: &IntGauge, wait: &Histogram) -> Arc<Admission> {
         Arc::new(Admission {
             permits: Arc::new(Semaphore::new(slots.max(1))),
-            holders: Mutex::new(Vec::new()),
+            state: Mutex::new(State::default()),
             waiting: waiting.clone(),
             wait: wait.clone(),
         })
@@ -156,48 +166,91 @@ impl Admission {
             Err(_) => self.wait_for_slot().await,
         };
         let watch = Watch { bytes: progress.bytes(), since: Instant::now() };
-        self.holders().push(Holder { progress: progress.clone(), watch });
+        self.state().holders.push(Holder { progress: progress.clone(), watch });
         Ticket { admission: self.clone(), progress, permit: Some(permit) }
     }
 
-    async fn wait_for_slot(&self) -> OwnedSemaphorePermit {
+    async fn wait_for_slot(self: &Arc<Self>) -> OwnedSemaphorePermit {
         let started = Instant::now();
         // Counted however the wait ends (a client that goes away drops it).
         let _waiting = Counted::new(self.waiting.clone());
-        let acquire = self.permits.clone().acquire_owned();
-        tokio::pin!(acquire);
-        // A look on arrival: behind a crowd of stalled uploads, nobody waits for a tick.
-        let permit = loop {
-            self.take_over_stalled();
-            tokio::select! {
-                permit = &mut acquire => break permit.expect("the semaphore is never closed"),
-                () = tokio::time::sleep(LOOK_EVERY) => {}
-            }
-        };
+        let _waiter = Waiter::enlist(self);
+        let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
         self.wait.observe(started.elapsed().as_secs_f64());
         permit
     }
 
-    /// Frees the slot of one holder that has moved nothing for [`STALL`], if there is one: it
-    /// goes to the first waiter in line.
-    fn take_over_stalled(&self) {
-        let mut holders = self.holders();
+    /// Looks for stalled holders every [`LOOK_EVERY`] until nobody waits.
+    fn watch(self: Arc<Self>) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOOK_EVERY).await;
+                let mut state = self.state();
+                if state.waiters == 0 {
+                    state.watched = false;
+                    return;
+                }
+                self.take_over_stalled(&mut state);
+            }
+        });
+    }
+
+    /// Frees the slots of holders that have moved nothing for [`STALL`], one for each waiter
+    /// that no free slot awaits; they go to the first waiters in line.
+    fn take_over_stalled(&self, state: &mut State) {
         let now = Instant::now();
-        let stalled = holders.iter_mut().position(|h| h.watch.stalled(h.progress.bytes(), now));
-        if let Some(index) = stalled {
-            holders.swap_remove(index);
-            self.permits.add_permits(1);
+        let mut wanted = state.waiters.saturating_sub(self.permits.available_permits());
+        let mut index = 0;
+        while wanted > 0 && index < state.holders.len() {
+            let holder = &mut state.holders[index];
+            if holder.watch.stalled(holder.progress.bytes(), now) {
+                state.holders.swap_remove(index);
+                self.permits.add_permits(1);
+                wanted -= 1;
+            } else {
+                index += 1;
+            }
         }
     }
 
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.holders().len()
+        self.state().holders.len()
     }
 
-    fn holders(&self) -> MutexGuard<'_, Vec<Holder>> {
-        // Nothing under the lock can panic half way; a poisoned list is still whole.
-        self.holders.lock().unwrap_or_else(PoisonError::into_inner)
+    /// How many wait, and whether a watch looks for them.
+    #[cfg(test)]
+    fn watching(&self) -> (usize, bool) {
+        let state = self.state();
+        (state.waiters, state.watched)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Nothing under the lock can panic half way; a poisoned state is still whole.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One waiter, counted for as long as it waits.
+struct Waiter<'a>(&'a Admission);
+
+impl<'a> Waiter<'a> {
+    /// Counts a new waiter and looks on its arrival (behind a crowd of stalled uploads, nobody
+    /// waits for a tick); starts the watch if none runs.
+    fn enlist(admission: &'a Arc<Admission>) -> Self {
+        let mut state = admission.state();
+        state.waiters += 1;
+        admission.take_over_stalled(&mut state);
+        if !std::mem::replace(&mut state.watched, true) {
+            admission.clone().watch();
+        }
+        Waiter(admission)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.state().waiters -= 1;
     }
 }
 
@@ -212,7 +265,8 @@ pub(crate) struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut holders = self.admission.holders();
+        let mut state = self.admission.state();
+        let holders = &mut state.holders;
         let permit = self.permit.take();
         match holders.iter().position(|h| same(&h.progress, &self.progress)) {
             Some(index) => {
@@ -354,6 +408,64 @@ mod tests {
         drop(taker);
         assert_eq!(admission.permits.available_permits(), 1);
         assert_eq!(admission.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_watch_serves_every_waiter_and_ends_when_none_is_left() {
+        let admission = admission(1);
+        let stalled = || Arc::new(AtomicU64::new(0));
+        let mut tickets = vec![admission.admit(stalled()).await];
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let admission = admission.clone();
+                tokio::spawn(async move { admission.admit(stalled()).await })
+            })
+            .collect();
+        tokio::time::sleep(LOOK_EVERY / 10).await;
+        assert_eq!(admission.watching(), (3, true));
+        // Every holder moves nothing: each loses the slot to the next waiter in turn.
+        for waiter in waiters {
+            let ticket = tokio::time::timeout(STALL * 2, waiter).await.expect("no takeover within two stalls");
+            tickets.push(ticket.unwrap());
+        }
+        tokio::time::sleep(LOOK_EVERY * 2).await;
+        assert_eq!(admission.watching(), (0, false), "the watch outlived the waiters");
+        // The last holder is not stalled yet when the next waiter arrives: only a new watch frees its slot.
+        let next = tokio::time::timeout(STALL * 2, admission.admit(stalled())).await;
+        tickets.push(next.expect("the watch did not start again for a new waiter"));
+        assert_eq!(admission.held(), 1);
+        drop(tickets);
+        assert_eq!(admission.permits.available_permits(), 1);
+        assert_eq!(admission.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_look_frees_a_stalled_slot_for_each_waiter() {
+        let admission = admission(3);
+        let moving = Arc::new(AtomicU64::new(0));
+        let mut held = vec![admission.admit(moving.clone()).await];
+        for _ in 0..2 {
+            held.push(admission.admit(Arc::new(AtomicU64::new(0))).await);
+        }
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let admission = admission.clone();
+                tokio::spawn(async move { admission.admit(Arc::new(AtomicU64::new(0))).await })
+            })
+            .collect();
+        // Both stalled holders lose their slots in the same look; the moving one keeps its own.
+        for _ in 0..(STALL + LOOK_EVERY / 2).as_millis() / 50 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            moving.fetch_add(1, Ordering::Relaxed);
+        }
+        let admitted = waiters.iter().filter(|w| w.is_finished()).count();
+        assert_eq!(admitted, 2, "stalled slots taken over within one look");
+        assert_eq!(admission.watching().0, 1);
+        drop(held);
+        for waiter in waiters {
+            drop(waiter.await.unwrap());
+        }
+        assert_eq!(admission.permits.available_permits(), 3);
     }
 
     #[tokio::test(start_paused = true)]
