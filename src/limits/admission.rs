@@ -410,17 +410,18 @@ mod tests {
         assert_eq!(admission.held(), 0);
     }
 
+    /// `n` transfers that will move nothing, each waiting for a slot in a task of its own.
+    fn stalled_waiters(admission: &Arc<Admission>, n: usize) -> Vec<tokio::task::JoinHandle<Ticket>> {
+        let wait = |admission: Arc<Admission>| async move { admission.admit(Arc::new(AtomicU64::new(0))).await };
+        (0..n).map(|_| tokio::spawn(wait(admission.clone()))).collect()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn one_watch_serves_every_waiter_and_ends_when_none_is_left() {
         let admission = admission(1);
         let stalled = || Arc::new(AtomicU64::new(0));
         let mut tickets = vec![admission.admit(stalled()).await];
-        let waiters: Vec<_> = (0..3)
-            .map(|_| {
-                let admission = admission.clone();
-                tokio::spawn(async move { admission.admit(stalled()).await })
-            })
-            .collect();
+        let waiters = stalled_waiters(&admission, 3);
         tokio::time::sleep(LOOK_EVERY / 10).await;
         assert_eq!(admission.watching(), (3, true));
         // Every holder moves nothing: each loses the slot to the next waiter in turn.
@@ -447,12 +448,7 @@ mod tests {
         for _ in 0..2 {
             held.push(admission.admit(Arc::new(AtomicU64::new(0))).await);
         }
-        let waiters: Vec<_> = (0..3)
-            .map(|_| {
-                let admission = admission.clone();
-                tokio::spawn(async move { admission.admit(Arc::new(AtomicU64::new(0))).await })
-            })
-            .collect();
+        let waiters = stalled_waiters(&admission, 3);
         // Both stalled holders lose their slots in the same look; the moving one keeps its own.
         for _ in 0..(STALL + LOOK_EVERY / 2).as_millis() / 50 {
             tokio::time::sleep(Duration::from_millis(50)).await;
