@@ -49,6 +49,8 @@ pub(crate) const SMALL_BODY: u64 = 64 << 10;
 
 /// The slots, who holds them, and the metrics of waiting for one.
 pub(crate) struct Admission {
+    /// Which of its holders' bytes show them moving.
+    direction: Direction,
     permits: Arc<Semaphore>,
     state: Mutex<State>,
     waiting: IntGauge,
@@ -65,30 +67,22 @@ struct State {
     watched: bool,
 }
 
-/// A transfer's live byte count (an upload's or a download's), as its holder reports it.
+/// A transfer's live byte count, as its holder reports it: in the admission's direction, an
+/// upload's request body or a download's response body (sent on toward its client).
 pub(crate) trait Progress: Send + Sync {
-    fn bytes(&self) -> u64;
+    fn bytes(&self, direction: Direction) -> u64;
 }
 
+/// One count whatever the direction (the unit tests' transfers).
 impl Progress for AtomicU64 {
-    fn bytes(&self) -> u64 {
+    fn bytes(&self, _: Direction) -> u64 {
         self.load(Ordering::Relaxed)
     }
 }
 
-/// An upload's request body bytes so far.
 impl Progress for Exchange {
-    fn bytes(&self) -> u64 {
-        self.progress(Direction::Upload).load(Ordering::Relaxed)
-    }
-}
-
-/// A download's response body bytes so far (sent on toward its client).
-pub(crate) struct Downloaded(pub(crate) Arc<Exchange>);
-
-impl Progress for Downloaded {
-    fn bytes(&self) -> u64 {
-        self.0.progress(Direction::Download).load(Ordering::Relaxed)
+    fn bytes(&self, direction: Direction) -> u64 {
+        self.progress(direction).load(Ordering::Relaxed)
     }
 }
 
@@ -141,16 +135,17 @@ pub(crate) fn needs_download_slot(operation: Operation, method: &http::Method) -
 impl Admission {
     /// `slots` uploads at a time (at least one).
     pub(crate) fn uploads(slots: usize, metrics: &Metrics) -> Arc<Admission> {
-        Admission::new(slots, &metrics.uploads_waiting, &metrics.upload_admission_wait)
+        Admission::new(Direction::Upload, slots, &metrics.uploads_waiting, &metrics.upload_admission_wait)
     }
 
     /// `slots` blob downloads at a time (at least one).
     pub(crate) fn downloads(slots: usize, metrics: &Metrics) -> Arc<Admission> {
-        Admission::new(slots, &metrics.downloads_waiting, &metrics.download_admission_wait)
+        Admission::new(Direction::Download, slots, &metrics.downloads_waiting, &metrics.download_admission_wait)
     }
 
-    fn new(slots: usize, waiting: &IntGauge, wait: &Histogram) -> Arc<Admission> {
+    fn new(direction: Direction, slots: usize, waiting: &IntGauge, wait: &Histogram) -> Arc<Admission> {
         Arc::new(Admission {
+            direction,
             permits: Arc::new(Semaphore::new(slots.max(1))),
             state: Mutex::new(State::default()),
             waiting: waiting.clone(),
@@ -165,7 +160,7 @@ impl Admission {
             Ok(permit) => permit,
             Err(_) => self.wait_for_slot().await,
         };
-        let watch = Watch { bytes: progress.bytes(), since: Instant::now() };
+        let watch = Watch { bytes: progress.bytes(self.direction), since: Instant::now() };
         self.state().holders.push(Holder { progress: progress.clone(), watch });
         Ticket { admission: self.clone(), progress, permit: Some(permit) }
     }
@@ -203,7 +198,7 @@ impl Admission {
         let mut index = 0;
         while wanted > 0 && index < state.holders.len() {
             let holder = &mut state.holders[index];
-            if holder.watch.stalled(holder.progress.bytes(), now) {
+            if holder.watch.stalled(holder.progress.bytes(self.direction), now) {
                 state.holders.swap_remove(index);
                 self.permits.add_permits(1);
                 wanted -= 1;

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::body::{Drain, TimedBody};
 use crate::body::{Exchange, Recorders, ResponseInfo};
-use crate::limits::admission::{self, Admission, Downloaded};
+use crate::limits::admission::{self, Admission};
 use crate::limits::head_timeout::{EndsRequest, HeadClock};
 use crate::protocol::CAPTURE_LIMIT;
 use crate::protocol::{classify, Operation, Route};
@@ -302,7 +302,7 @@ impl Proxy {
         // Held by the response body until it ends.
         let download_slot = match &self.download_admission {
             Some(slots) if admission::needs_download_slot(exchange.info().operation, &parts.method) => {
-                Some(Box::new(slots.admit(Arc::new(Downloaded(exchange.clone()))).await) as Box<_>)
+                Some(Box::new(slots.admit(exchange.clone()).await) as Box<_>)
             }
             _ => None,
         };
