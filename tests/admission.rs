@@ -80,13 +80,13 @@ fn blob(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// (uploads waiting now, waits counted, seconds waited in all)
-fn waits(regscope: &Regscope) -> (f64, f64, f64) {
+/// (transfers waiting now, waits counted, seconds waited in all), of `kind` "upload" or "download".
+fn waits(regscope: &Regscope, kind: &str) -> (f64, f64, f64) {
     let text = regscope.metrics_text();
     (
-        metric_sum(&text, "regscope_uploads_waiting", &[]),
-        metric_sum(&text, "regscope_upload_admission_wait_seconds_count", &[]),
-        metric_sum(&text, "regscope_upload_admission_wait_seconds_sum", &[]),
+        metric_sum(&text, &format!("regscope_{kind}s_waiting"), &[]),
+        metric_sum(&text, &format!("regscope_{kind}_admission_wait_seconds_count"), &[]),
+        metric_sum(&text, &format!("regscope_{kind}_admission_wait_seconds_sum"), &[]),
     )
 }
 
@@ -125,13 +125,13 @@ fn an_upload_that_keeps_sending_keeps_its_slot_and_the_next_waits_for_it() {
         !second_done.load(Ordering::SeqCst),
         "the second upload went through while the only slot was held by one still sending"
     );
-    assert_eq!(waits(&regscope).0, 1.0, "the second upload is not counted as waiting");
+    assert_eq!(waits(&regscope, "upload").0, 1.0, "the second upload is not counted as waiting");
 
     sending.join().expect("the first upload");
     uploading.join().expect("the second upload");
     assert_stored(&registry, &first);
     assert_stored(&registry, &second);
-    let (waiting, count, seconds) = waits(&regscope);
+    let (waiting, count, seconds) = waits(&regscope, "upload");
     assert_eq!((waiting, count), (0.0, 1.0), "one wait (the second upload's start), none left");
     assert!(seconds >= 2.5, "the second upload waited {seconds} s, the first sent for 3.7 s after it asked");
 }
@@ -168,14 +168,14 @@ fn an_upload_whose_client_goes_quiet_loses_its_slot_and_both_arrive_whole() {
     // The slot went back exactly once: the next upload finds it free at once. (Which of the
     // first two waited depends on whether the quiet PATCH reached regscope before the second
     // upload's start did; on a loaded machine it may not.)
-    let (_, waits_before, _) = waits(&regscope);
+    let (_, waits_before, _) = waits(&regscope, "upload");
     assert!(waits_before >= 1.0, "nobody waited for the slot the quiet upload held");
     let third = blob(0xE5, 64 << 10);
     let started = Instant::now();
     upload_whole(proxy, &third);
     assert!(started.elapsed() < Duration::from_millis(900), "the slot was not free after both uploads ended");
     assert_stored(&registry, &third);
-    let (waiting, count, _) = waits(&regscope);
+    let (waiting, count, _) = waits(&regscope, "upload");
     assert_eq!((waiting, count), (0.0, waits_before), "the third upload waited, or a wait is left");
 }
 
@@ -190,16 +190,6 @@ fn one_download_slot(big: u64, small: u64) -> (Registry, Regscope, Vec<u8>, Vec<
     upload_whole(regscope.proxy_addr(), &big);
     upload_whole(regscope.proxy_addr(), &small);
     (registry, regscope, big, small)
-}
-
-/// (downloads waiting now, waits counted, seconds waited in all)
-fn download_waits(regscope: &Regscope) -> (f64, f64, f64) {
-    let text = regscope.metrics_text();
-    (
-        metric_sum(&text, "regscope_downloads_waiting", &[]),
-        metric_sum(&text, "regscope_download_admission_wait_seconds_count", &[]),
-        metric_sum(&text, "regscope_download_admission_wait_seconds_sum", &[]),
-    )
 }
 
 /// `GET` of the blob, its head read; the body is left to the caller. The connection's receive
@@ -258,7 +248,7 @@ fn a_download_whose_client_keeps_reading_keeps_its_slot_and_the_next_waits_for_i
     let took = get_whole(proxy, &small);
     reading.join().expect("the first download");
     assert!(took >= Duration::from_millis(1200), "the second download took {took:?} while the only slot was held");
-    let (waiting, count, seconds) = download_waits(&regscope);
+    let (waiting, count, seconds) = waits(&regscope, "download");
     assert_eq!((waiting, count), (0.0, 1.0), "one wait (the second download's), none left");
     assert!(seconds >= 1.0, "the second download waited {seconds} s");
 }
@@ -290,6 +280,6 @@ fn a_download_whose_client_stops_reading_loses_its_slot_and_both_arrive_whole() 
     // The slot went back exactly once: the next download finds it free at once.
     let took = get_whole(proxy, &small);
     assert!(took < Duration::from_millis(900), "the slot was not free after both downloads ended: {took:?}");
-    let (waiting, count, _) = download_waits(&regscope);
+    let (waiting, count, _) = waits(&regscope, "download");
     assert_eq!((waiting, count), (0.0, 1.0), "one wait (the second download's), none left");
 }
