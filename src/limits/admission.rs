@@ -24,7 +24,7 @@
 //! `regscope_download_admission_wait_seconds`), and in a transfer's timeline it is the request's
 //! turnaround before it is forwarded.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -73,8 +73,9 @@ pub(crate) trait Progress: Send + Sync {
     fn bytes(&self, direction: Direction) -> u64;
 }
 
-/// One count whatever the direction (the unit tests' transfers).
-impl Progress for AtomicU64 {
+/// One count whatever the direction: the unit tests' transfers.
+#[cfg(test)]
+impl Progress for std::sync::atomic::AtomicU64 {
     fn bytes(&self, _: Direction) -> u64 {
         self.load(Ordering::Relaxed)
     }
@@ -280,6 +281,7 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
 
     #[test]
     fn which_requests_need_a_slot() {
