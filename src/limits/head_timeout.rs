@@ -7,7 +7,7 @@
 //! is cut only while it waits for a head: a slow request or response is never cut by this.
 
 use std::future::Future;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -58,32 +58,49 @@ impl HeadClock {
 ///
 /// Per poll this costs a waker comparison and one load; the timer is polled (and its waker
 /// registered) only when it has fired or the task's waker changed.
-pub(crate) async fn cut_when_idle<F: Future>(conn: F, clock: &HeadClock, limit: Duration) -> Option<F::Output> {
-    let mut conn = pin!(conn);
-    let mut timer = pin!(tokio::time::sleep(limit));
-    let mut registered: Option<Waker> = None;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = conn.as_mut().poll(cx) {
+pub(crate) fn cut_when_idle<F: Future>(conn: F, clock: &HeadClock, limit: Duration) -> CutWhenIdle<'_, F> {
+    CutWhenIdle { conn, timer: tokio::time::sleep(limit), registered: None, clock, limit }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`cut_when_idle`]. A struct, not an `async fn`: that would hold the
+    /// connection's future twice, once as its argument and once pinned.
+    pub(crate) struct CutWhenIdle<'a, F> {
+        #[pin]
+        conn: F,
+        #[pin]
+        timer: tokio::time::Sleep,
+        registered: Option<Waker>,
+        clock: &'a HeadClock,
+        limit: Duration,
+    }
+}
+
+impl<F: Future> Future for CutWhenIdle<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.conn.poll(cx) {
             return Poll::Ready(Some(out));
         }
-        let same_waker = registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-        if same_waker && !timer.is_elapsed() {
+        let same_waker = this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if same_waker && !this.timer.is_elapsed() {
             return Poll::Pending;
         }
-        registered = Some(cx.waker().clone());
+        *this.registered = Some(cx.waker().clone());
         loop {
-            if timer.as_mut().poll(cx).is_pending() {
+            if this.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            match clock.deadline(limit) {
+            match this.clock.deadline(*this.limit) {
                 Some(due) if due <= now => return Poll::Ready(None),
-                Some(due) => timer.as_mut().reset(due),
-                None => timer.as_mut().reset(now + limit),
+                Some(due) => this.timer.as_mut().reset(due),
+                None => this.timer.as_mut().reset(now + *this.limit),
             }
         }
-    })
-    .await
+    }
 }
 
 /// A response body that tells its connection's [`HeadClock`], if it keeps one, when it is let go.

@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::Drain;
@@ -139,18 +139,10 @@ pub(crate) async fn run(
                     builders.serve(TokioIo::new(stream), h2, &large_reads, proxy, conn.clone(), watcher).await
                 }
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-                    let accepted = tokio::select! {
-                        accepted = handshake => accepted,
-                        _ = stop.changed() => return,
-                    };
-                    let stream = match accepted {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(error)) => return tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed"),
-                        Err(_) => return tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
-                    };
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    builders.serve(TokioIo::new(stream), h2, &large_reads, proxy, conn.clone(), watcher).await
+                    // Boxed: a handshake and a TLS stream are kilobytes that a plain connection's
+                    // task would otherwise hold too.
+                    let serving = Box::pin(builders.serve_tls(acceptor, stream, &large_reads, proxy, &conn, watcher, stop));
+                    serving.await
                 }
             };
             if let Err(error) = result {
@@ -211,6 +203,38 @@ impl Builders {
         }
     }
 
+    /// A TLS connection: its handshake (which shutdown or a timeout may end), then [`Self::serve`].
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_tls(
+        &self,
+        acceptor: TlsAcceptor,
+        stream: TcpStream,
+        large_reads: &Slots,
+        proxy: Arc<Proxy>,
+        conn: &ConnInfo,
+        watcher: Watcher,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), hyper::Error> {
+        let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+        let accepted = tokio::select! {
+            accepted = handshake => accepted,
+            _ = stop.changed() => return Ok(()),
+        };
+        let stream = match accepted {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
+                return Ok(());
+            }
+        };
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        self.serve(TokioIo::new(stream), h2, large_reads, proxy, conn.clone(), watcher).await
+    }
+
     /// Serves one connection to its end (or until shutdown, or its header read timeout, ends
     /// it). An HTTP/1 connection takes a large-read slot for its whole life if one is free, and
     /// tells each response body when its bytes are out (see [`Drain`]).
@@ -229,7 +253,8 @@ impl Builders {
         // Boxed, so a connection's task holds only the protocol it speaks, not the larger of the two.
         if h2 {
             let service = service_fn(move |req| proxy.clone().handle(req, conn.clone()));
-            return Box::pin(watcher.watch(self.h2.serve_connection(io, service))).await;
+            let serving = Box::pin(watcher.watch(self.h2.serve_connection(io, service)));
+            return serving.await;
         }
         let peer = conn.peer;
         let drain = Arc::new(Drain::default());
@@ -251,7 +276,9 @@ impl Builders {
         let stream = large_reads.start();
         let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
         let served = watcher.watch(builder.serve_connection(io, service));
-        let result = Box::pin(cut_when_idle(served, &clock, self.header_read_timeout)).await;
+        // Made before it is awaited: a temporary would be kept beside the box for the whole await.
+        let serving = Box::pin(cut_when_idle(served, &clock, self.header_read_timeout));
+        let result = serving.await;
         drop(stream);
         result.unwrap_or_else(|| {
             tracing::debug!(peer = %peer, "no request head in time");
