@@ -89,13 +89,19 @@ fn registry_name(raw: &[u8]) -> Option<HeaderName> {
 }
 
 /// Parses a response head at the start of `buf`: `None` while it is incomplete, else its length
-/// and the head. `head_request`: the request was a `HEAD` (its answer has no body).
-pub(crate) fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<(usize, ResponseHead)>, H1Error> {
+/// and the head. `head_request`: the request was a `HEAD` (its answer has no body). The head's
+/// headers go into `headers` (empty; the request's map, cleared, so its room is used again),
+/// which is taken for the head once it is whole.
+pub(crate) fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    headers: &mut HeaderMap,
+) -> Result<Option<(usize, ResponseHead)>, H1Error> {
     // Left uninitialised: httparse writes only the entries it fills, not all 3 KiB of slots on
     // every response.
-    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut headers);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut slots);
     let len = match parsed.map_err(H1Error::Head)? {
         httparse::Status::Complete(len) => len,
         httparse::Status::Partial => return Ok(None),
@@ -105,14 +111,16 @@ pub(crate) fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<(u
     let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // One copy of the head; every value is a slice of it.
     let bytes = Bytes::copy_from_slice(&buf[..len]);
-    let mut map = HeaderMap::with_capacity(response.headers.len());
+    headers.clear();
+    headers.reserve(response.headers.len());
     for h in response.headers.iter() {
         let name = header_name(h.name.as_bytes()).ok_or(H1Error::Head(httparse::Error::HeaderName))?;
         let start = h.value.as_ptr() as usize - buf.as_ptr() as usize;
         let value = HeaderValue::from_maybe_shared(bytes.slice(start..start + h.value.len()))
             .map_err(|_| H1Error::Head(httparse::Error::HeaderValue))?;
-        map.append(name, value);
+        headers.append(name, value);
     }
+    let map = std::mem::take(headers);
     let reason = response
         .reason
         .filter(|reason| Some(*reason) != status.canonical_reason())
@@ -247,7 +255,7 @@ mod tests {
     use super::*;
 
     fn parse(head: &str, head_request: bool) -> Result<Option<(usize, ResponseHead)>, H1Error> {
-        parse_response(head.as_bytes(), head_request)
+        parse_response(head.as_bytes(), head_request, &mut HeaderMap::new())
     }
 
     #[test]

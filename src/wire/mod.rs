@@ -3,7 +3,9 @@
 
 pub(crate) mod elsewhere;
 pub(crate) mod error;
+pub(crate) mod front;
 pub(crate) mod h1;
+pub(crate) mod h1_front;
 pub mod headers;
 pub(crate) mod identity;
 pub(crate) mod location;

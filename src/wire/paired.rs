@@ -100,7 +100,7 @@ impl Pair {
                 Err(error) => return Sent::Answered(Err(PairError::Connect(error))),
             }
         }
-        let head = match lease.conn().exchange(&req.into_parts().0).await {
+        let head = match lease.conn().exchange(req.into_parts().0).await {
             Ok(head) => head,
             Err(error) => return Sent::Answered(Err(error)),
         };
@@ -234,19 +234,21 @@ impl Conn {
     }
 
     /// Writes a request's head and reads its answer's head, past interim answers (`103 Early
-    /// Hints`), which are not forwarded.
-    async fn exchange(&mut self, parts: &http::request::Parts) -> Result<h1::ResponseHead, PairError> {
+    /// Hints`), which are not forwarded. The answer's headers go into the request's map.
+    async fn exchange(&mut self, parts: http::request::Parts) -> Result<h1::ResponseHead, PairError> {
         self.out.clear();
-        h1::encode_request(parts, &mut self.out);
+        h1::encode_request(&parts, &mut self.out);
         self.write_out().await.map_err(PairError::Io)?;
         let head_request = parts.method == Method::HEAD;
+        let mut headers = parts.headers;
         loop {
-            match h1::parse_response(self.buffered(), head_request).map_err(PairError::Protocol)? {
+            match h1::parse_response(self.buffered(), head_request, &mut headers).map_err(PairError::Protocol)? {
                 Some((len, head)) => {
                     self.consume(len);
                     if !head.status.is_informational() {
                         return Ok(head);
                     }
+                    headers = head.headers;
                 }
                 None => {
                     if poll_fn(|cx| self.poll_fill(cx)).await.map_err(PairError::Io)? == 0 {

@@ -118,9 +118,10 @@ impl Target {
 
 impl Proxy {
     /// Handles one request. Never fails: every failure becomes a registry-style response.
+    /// `None` for the body: a request the front read (see [`crate::wire::front`]), which has none.
     pub(crate) async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<Option<Incoming>>,
         conn: ConnInfo,
     ) -> Result<Response<SentBody>, Infallible> {
         let head_clock = conn.head_clock.clone();
@@ -218,7 +219,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<Option<Incoming>>,
         conn: ConnInfo,
         exchange: &Arc<Exchange>,
         target: &Target,
@@ -253,7 +254,8 @@ impl Proxy {
         }
         parts.version = Version::HTTP_11;
         // A request without a body sends none upstream: there is nothing to time.
-        let sends_body = !http_body::Body::is_end_stream(&body);
+        let body = body.filter(|body| !http_body::Body::is_end_stream(body));
+        let sends_body = body.is_some();
         // A small exchange with the registry goes over the client connection's own upstream
         // connection when it has one, with the origin-form target it arrived with; the pooled
         // client takes the target in absolute form and supplies a missing `Host` itself.
@@ -283,14 +285,16 @@ impl Proxy {
         if let Some(length) = declared {
             exchange.set_upload_expected(length);
         }
-        let body = if sends_body {
-            let mut body = TimedBody::new(body, Direction::Upload, exchange.clone()).stall_timeout(self.stall_timeout);
-            if exchange.info().operation == Operation::ManifestPut {
-                body = body.capture(CAPTURE_LIMIT, declared);
+        let body = match body {
+            Some(body) => {
+                let mut body =
+                    TimedBody::new(body, Direction::Upload, exchange.clone()).stall_timeout(self.stall_timeout);
+                if exchange.info().operation == Operation::ManifestPut {
+                    body = body.capture(CAPTURE_LIMIT, declared);
+                }
+                Either::Right(Box::new(body))
             }
-            Either::Right(Box::new(body))
-        } else {
-            Either::Left(Empty::new())
+            None => Either::Left(Empty::new()),
         };
         // Held until the response head: the upstream connection is busy until then.
         let ticket = match &self.admission {
@@ -422,7 +426,7 @@ fn with_query(realm: &http::Uri, query: Option<&str>) -> Option<http::Uri> {
 
 /// Whether an operation's answer is small (no blob), so it may take a connection's own
 /// upstream connection, which reads small.
-fn answers_small(operation: Operation) -> bool {
+pub(crate) fn answers_small(operation: Operation) -> bool {
     !matches!(operation, Operation::BlobGet | Operation::V1LayerGet | Operation::Other)
 }
 

@@ -7,6 +7,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Request;
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,11 +23,12 @@ use crate::limits::head_timeout::{cut_when_idle, HeadClock};
 use crate::metrics::Counted;
 use crate::presentation::admin::Admin;
 use crate::protocol::Side;
+use crate::wire::front::{self, Front, Left};
 use crate::wire::headers;
 use crate::wire::paired::Pair;
 use crate::wire::proxy::{ConnInfo, Proxy};
 use crate::wire::proxy_protocol::{self, Source};
-use crate::wire::socket::{Watch, Watched};
+use crate::wire::socket::{Prefixed, Watch, Watched};
 
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -133,15 +136,21 @@ pub(crate) async fn run(
                         h2 = speaks_h2(&stream, header_read_timeout) => h2,
                         _ = stop.changed() => return,
                     };
-                    let Some(h2) = h2 else {
-                        return tracing::debug!(peer = %conn.peer, "no request head in time");
-                    };
-                    builders.serve(TokioIo::new(stream), h2, &large_reads, proxy, conn.clone(), watcher).await
+                    match h2 {
+                        None => return tracing::debug!(peer = %conn.peer, "no request head in time"),
+                        Some(true) => {
+                            builders.serve(TokioIo::new(stream), true, &large_reads, proxy, conn.clone(), watcher).await
+                        }
+                        Some(false) => {
+                            builders.serve_plain_h1(stream, &large_reads, proxy, conn.clone(), watcher, &stop).await
+                        }
+                    }
                 }
                 Some(acceptor) => {
                     // Boxed: a handshake and a TLS stream are kilobytes that a plain connection's
                     // task would otherwise hold too.
-                    let serving = Box::pin(builders.serve_tls(acceptor, stream, &large_reads, proxy, &conn, watcher, stop));
+                    let serving =
+                        Box::pin(builders.serve_tls(acceptor, stream, &large_reads, proxy, &conn, watcher, stop));
                     serving.await
                 }
             };
@@ -172,6 +181,8 @@ struct Builders {
     h2: http2::Builder<TokioExecutor>,
     /// How long an HTTP/1 connection may wait for a request head (see [`cut_when_idle`]).
     header_read_timeout: Duration,
+    /// The longest request head.
+    max_head: usize,
 }
 
 impl Builders {
@@ -200,6 +211,7 @@ impl Builders {
             h1_small: h1(buffers::CLASSES[0].reads.max()),
             h2,
             header_read_timeout: limits.header_read_timeout,
+            max_head: limits.max_header_bytes,
         }
     }
 
@@ -244,7 +256,7 @@ impl Builders {
         h2: bool,
         large_reads: &Slots,
         proxy: Arc<Proxy>,
-        mut conn: ConnInfo,
+        conn: ConnInfo,
         watcher: Watcher,
     ) -> Result<(), hyper::Error>
     where
@@ -252,36 +264,118 @@ impl Builders {
     {
         // Boxed, so a connection's task holds only the protocol it speaks, not the larger of the two.
         if h2 {
-            let service = service_fn(move |req| proxy.clone().handle(req, conn.clone()));
+            let service = service_fn(move |req: Request<Incoming>| proxy.clone().handle(req.map(Some), conn.clone()));
             let serving = Box::pin(watcher.watch(self.h2.serve_connection(io, service)));
             return serving.await;
         }
-        let peer = conn.peer;
+        let h1 = H1::new(&proxy, conn);
+        let stream = large_reads.start();
+        let served = self.serve_h1(io, stream.large(), &h1, proxy, watcher);
+        // Made before it is awaited: a temporary would be kept beside the box for the whole await.
+        let serving = Box::pin(cut_when_idle(served, &h1.clock, self.header_read_timeout));
+        let result = serving.await;
+        drop(stream);
+        h1.ended(result)
+    }
+
+    /// A plain HTTP/1 connection: the front serves it (see [`front`]) until a request it does
+    /// not serve, and hyper from there on.
+    async fn serve_plain_h1(
+        &self,
+        mut stream: TcpStream,
+        large_reads: &Slots,
+        proxy: Arc<Proxy>,
+        conn: ConnInfo,
+        watcher: Watcher,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), hyper::Error> {
+        let h1 = H1::new(&proxy, conn);
+        let slot = large_reads.start();
+        let served = cut_when_idle(
+            async {
+                let read = if front::first_is_for_hyper(&stream).await {
+                    Vec::new()
+                } else {
+                    let front = Front {
+                        stream: &mut stream,
+                        proxy: &proxy,
+                        conn: &h1.conn,
+                        clock: &h1.clock,
+                        drain: &h1.drain,
+                        max_head: self.max_head,
+                        stop,
+                    };
+                    // Boxed, and let go at the hand-over: the front's state (the handler's future
+                    // among it) would otherwise stay allocated beside hyper's for the connection's life.
+                    let serving = Box::pin(front.serve());
+                    match serving.await {
+                        Left::Closed => {
+                            h1.drain.abandoned();
+                            return Ok(());
+                        }
+                        Left::ToHyper(read) => read,
+                    }
+                };
+                let io = Prefixed::new(&read, TokioIo::new(stream));
+                drop(read);
+                self.serve_h1(io, slot.large(), &h1, proxy.clone(), watcher).await
+            },
+            &h1.clock,
+            self.header_read_timeout,
+        );
+        let result = Box::pin(served).await;
+        h1.ended(result)
+    }
+
+    /// hyper serves an HTTP/1 connection.
+    async fn serve_h1<I>(
+        &self,
+        io: I,
+        large: bool,
+        h1: &H1,
+        proxy: Arc<Proxy>,
+        watcher: Watcher,
+    ) -> Result<(), hyper::Error>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (conn, heads) = (h1.conn.clone(), h1.clock.clone());
+        // Detached in `call`, before hyper's next read of the connection: not in the handler,
+        // which hyper only polls after that read.
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            headers::detach_head(&mut req);
+            heads.head_arrived();
+            proxy.clone().handle(req.map(Some), conn.clone())
+        });
+        let io = Watched::new(io, DrainOnClose(h1.drain.clone()));
+        let builder = if large { &self.h1_large } else { &self.h1_small };
+        watcher.watch(builder.serve_connection(io, service)).await
+    }
+}
+
+/// What an HTTP/1 connection's requests share: its flush signal and head clock, and its pair.
+struct H1 {
+    conn: ConnInfo,
+    drain: Arc<Drain>,
+    clock: Arc<HeadClock>,
+}
+
+impl H1 {
+    fn new(proxy: &Proxy, mut conn: ConnInfo) -> Self {
         let drain = Arc::new(Drain::default());
         conn.drain = Some(drain.clone());
         let clock = Arc::new(HeadClock::new());
         conn.head_clock = Some(clock.clone());
-        let heads = clock.clone();
         // Over TLS a pair would cost a handshake per client connection where the pool shares
         // one (h2, when the registry offers it): pairs are for plain upstreams only.
         conn.pair = (proxy.upstream.scheme == http::uri::Scheme::HTTP).then(|| Arc::new(Pair::default()));
-        // Detached in `call`, before hyper's next read of the connection: not in the handler,
-        // which hyper only polls after that read.
-        let service = service_fn(move |mut req| {
-            headers::detach_head(&mut req);
-            heads.head_arrived();
-            proxy.clone().handle(req, conn.clone())
-        });
-        let io = Watched::new(io, DrainOnClose(drain));
-        let stream = large_reads.start();
-        let builder = if stream.large() { &self.h1_large } else { &self.h1_small };
-        let served = watcher.watch(builder.serve_connection(io, service));
-        // Made before it is awaited: a temporary would be kept beside the box for the whole await.
-        let serving = Box::pin(cut_when_idle(served, &clock, self.header_read_timeout));
-        let result = serving.await;
-        drop(stream);
+        H1 { conn, drain, clock }
+    }
+
+    /// A connection cut by its header read timeout (`None`) ended without error.
+    fn ended(&self, result: Option<Result<(), hyper::Error>>) -> Result<(), hyper::Error> {
         result.unwrap_or_else(|| {
-            tracing::debug!(peer = %peer, "no request head in time");
+            tracing::debug!(peer = %self.conn.peer, "no request head in time");
             Ok(())
         })
     }

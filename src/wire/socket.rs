@@ -6,12 +6,14 @@
 //! `TCP_NOTSENT_LOWAT` bounds only the *unsent* part of the buffer (bytes in flight are not
 //! limited), so a write waits when the peer stops reading, and the wait is seen and attributed.
 //!
-//! Also here: [`Watched`], the one pass-through wrapper both sides put around a connection's IO
-//! to learn of its flushes and its end.
+//! Also here: the pass-through wrappers around a connection's IO: [`Watched`], which both sides
+//! use to learn of its flushes and its end, and [`Prefixed`], a connection the front hands to hyper.
 
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, Bytes};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::net::TcpStream;
@@ -95,3 +97,58 @@ impl<T: Connection, W> Connection for Watched<T, W> {
 
 /// A connection counted in an open-connections gauge: counted for as long as it lives.
 impl Watch for Counted {}
+
+/// A connection handed to hyper: the bytes the front read and did not consume come first.
+pub(crate) struct Prefixed<T> {
+    prefix: Bytes,
+    io: T,
+}
+
+impl<T> Prefixed<T> {
+    /// Copied out, so the front's read buffer is let go.
+    pub(crate) fn new(prefix: &[u8], io: T) -> Self {
+        Prefixed { prefix: Bytes::copy_from_slice(prefix), io }
+    }
+}
+
+impl<T: Read + Unpin> Read for Prefixed<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, mut buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix[..n]);
+        this.prefix.advance(n);
+        if this.prefix.is_empty() {
+            this.prefix = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: Write + Unpin> Write for Prefixed<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
