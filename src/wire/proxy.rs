@@ -426,7 +426,7 @@ fn with_query(realm: &http::Uri, query: Option<&str>) -> Option<http::Uri> {
 
 /// Whether an operation's answer is small (no blob), so it may take a connection's own
 /// upstream connection, which reads small.
-pub(crate) fn answers_small(operation: Operation) -> bool {
+fn answers_small(operation: Operation) -> bool {
     !matches!(operation, Operation::BlobGet | Operation::V1LayerGet | Operation::Other)
 }
 
