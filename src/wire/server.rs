@@ -316,8 +316,7 @@ impl Builders {
                         Left::ToHyper(read) => read,
                     }
                 };
-                let io = Prefixed::new(&read, TokioIo::new(stream));
-                drop(read);
+                let io = Prefixed::new(read, TokioIo::new(stream));
                 self.serve_h1(io, slot.large(), &h1, proxy.clone(), watcher).await
             },
             &h1.clock,

@@ -105,9 +105,10 @@ pub(crate) struct Prefixed<T> {
 }
 
 impl<T> Prefixed<T> {
-    /// Copied out, so the front's read buffer is let go.
-    pub(crate) fn new(prefix: &[u8], io: T) -> Self {
-        Prefixed { prefix: Bytes::copy_from_slice(prefix), io }
+    /// `prefix` holds only what the front read past its last request (it reads into a per-thread
+    /// scratch buffer), so it is taken as it is, not copied.
+    pub(crate) fn new(prefix: Vec<u8>, io: T) -> Self {
+        Prefixed { prefix: Bytes::from(prefix), io }
     }
 }
 
