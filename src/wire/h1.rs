@@ -144,10 +144,7 @@ fn framing(status: StatusCode, head_request: bool, headers: &HeaderMap) -> Resul
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
         let last = headers.get_all(header::TRANSFER_ENCODING).iter().next_back();
-        let chunked = last
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+        let chunked = last.is_some_and(ends_chunked);
         return Ok(if chunked { Framing::Chunked } else { Framing::Close });
     }
     let mut length = None;
@@ -169,11 +166,17 @@ fn framing(status: StatusCode, head_request: bool, headers: &HeaderMap) -> Resul
 
 /// Whether `Connection` says `close`.
 fn asks_to_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    headers.get_all(header::CONNECTION).iter().any(|v| lists(v, "close"))
+}
+
+/// Whether a comma-separated header value (`Connection`, `Transfer-Encoding`) lists `token`.
+pub(crate) fn lists(value: &HeaderValue, token: &str) -> bool {
+    value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// Whether a `Transfer-Encoding` value's last coding is `chunked`.
+pub(crate) fn ends_chunked(value: &HeaderValue) -> bool {
+    value.to_str().ok().and_then(|v| v.rsplit(',').next()).is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
 }
 
 /// Where a chunked body's decoding stands.

@@ -10,6 +10,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 
+use crate::wire::h1;
+
 /// The most header lines a request head may have (hyper's limit too).
 const MAX_HEADERS: usize = 100;
 
@@ -63,15 +65,8 @@ pub(crate) fn parse_request(buf: &[u8], max_head: usize, headers: &mut HeaderMap
         match name {
             header::TRANSFER_ENCODING | header::UPGRADE | header::EXPECT => return Head::Other,
             header::CONTENT_LENGTH if value.as_bytes() != b"0" => return Head::Other,
-            header::CONNECTION => {
-                let tokens = value.to_str().unwrap_or("");
-                if tokens.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")) {
-                    return Head::Other;
-                }
-                if tokens.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
-                    keep_alive = false;
-                }
-            }
+            header::CONNECTION if h1::lists(&value, "upgrade") => return Head::Other,
+            header::CONNECTION if h1::lists(&value, "close") => keep_alive = false,
             _ => {}
         }
         headers.append(name, value);
@@ -190,15 +185,10 @@ pub(crate) fn encode_response(
                     continue;
                 }
                 framing = Some(Framing::Chunked);
-                chunked_last = value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| v.rsplit(',').next())
-                    .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+                chunked_last = h1::ends_chunked(value);
             }
             header::CONNECTION => {
-                let says_close =
-                    value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+                let says_close = h1::lists(value, "close");
                 wrote_close |= says_close;
                 close |= says_close;
             }
