@@ -125,8 +125,8 @@ pub struct ServeConfig {
     #[arg(long, env = "REGSCOPE_DOWNLOAD_SLOTS", default_value_t = 64)]
     pub download_slots: usize,
 
-    /// Threads serving connections; default one per CPU. 1 runs everything on one thread: less
-    /// CPU per small request (no wake-ups between threads), but one core at most.
+    /// Threads serving connections, each an event loop with the connections dealt to it in
+    /// turn; default one per CPU. A connection stays on one thread for its whole life.
     #[arg(long, env = "REGSCOPE_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
 

@@ -55,6 +55,7 @@ use crate::limits::{admission, trim};
 use crate::metrics::Metrics;
 use crate::presentation::admin::Admin;
 use crate::recording::{Tracker, TrackerConfig};
+use crate::wire::loops::Loops;
 use crate::wire::proxy::Proxy;
 use crate::wire::redirects::Redirects;
 use crate::wire::server::{self, ProxyListener};
@@ -130,6 +131,9 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         "listening"
     );
     let listener = ProxyListener { listener: proxy_listener, tls: tls_server };
+    let threads =
+        config.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, usize::from), usize::from);
+    let loops = Loops::start(threads).map_err(|source| SetupError::Threads { threads, source })?;
     let limits = server::Limits {
         header_read_timeout: config.header_read_timeout,
         max_header_bytes: config.max_header_bytes,
@@ -138,7 +142,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         grace: config.shutdown_grace,
         proxy_protocol: config.proxy_protocol,
     };
-    server::run(listener, admin_listener, proxy, admin, limits, shutdown).await;
+    server::run(listener, loops, admin_listener, proxy, admin, limits, shutdown).await;
     tracker.close_all();
     if let (Some(exporter), Some(task)) = (exporter, export_task) {
         exporter.flush(task, config.shutdown_grace.min(std::time::Duration::from_secs(10))).await;

@@ -10,23 +10,13 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Serve(config)) => serve(config),
         None => serve(cli.serve),
-        Some(Command::Report(config)) => report(config, &runtime(Some(1))?),
+        Some(Command::Report(config)) => report(config, &runtime()?),
     }
 }
 
-/// One thread: a current-thread runtime (no work stealing, no waking another thread). More: a
-/// multi-thread runtime with that many workers (default: one per CPU).
-fn runtime(threads: Option<u16>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(usize::from(n));
-            builder
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    builder.enable_all().build().context("starting the runtime")
+/// A current-thread runtime: `serve` starts its further event loops itself (see `--threads`).
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")
 }
 
 fn report(config: regscope::config::ReportConfig, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
@@ -62,8 +52,7 @@ fn report(config: regscope::config::ReportConfig, runtime: &tokio::runtime::Runt
 
 fn serve(config: regscope::config::ServeConfig) -> anyhow::Result<()> {
     init_logging(config.log_format);
-    runtime(config.threads)?
-        .block_on(async { regscope::serve(config, shutdown_signal()).await.context("regscope serve") })
+    runtime()?.block_on(async { regscope::serve(config, shutdown_signal()).await.context("regscope serve") })
 }
 
 fn init_logging(format: LogFormat) {

@@ -1,4 +1,4 @@
-//! `--threads`: how many threads serve connections, and that each setting proxies.
+//! `--threads`: how many event loops serve connections, and that each setting proxies.
 
 mod support;
 
@@ -7,27 +7,30 @@ use std::process::{Command, Stdio};
 use support::client::Conn;
 use support::{Registry, Regscope};
 
-/// tokio names its multi-thread workers `tokio-rt-worker`; a current-thread runtime has none.
-fn runtime_workers(pid: u32) -> usize {
+/// How many of the process's threads have a name starting with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
-        .filter(|name| name.trim() == "tokio-rt-worker")
+        .filter(|name| name.starts_with(prefix))
         .count()
 }
 
 #[test]
-fn threads_sets_the_workers_and_one_thread_still_proxies() {
+fn threads_sets_the_loops_and_every_loop_proxies() {
     let registry = Registry::start();
-    for (threads, workers) in [("1", 0), ("3", 3)] {
+    for (threads, extra_loops) in [("1", 0), ("3", 2)] {
         let regscope = Regscope::start(&["--upstream", &registry.url(), "--threads", threads]);
         let host = regscope.proxy_addr().to_string();
-        for _ in 0..3 {
+        // Connections are dealt to the loops in turn: three or more reach every loop.
+        for _ in 0..6 {
             let mut conn = Conn::connect(regscope.proxy_addr());
             let response = conn.request("GET", "/v2/", &[("Host", &host)], b"").unwrap();
             assert_eq!(response.status(), 200, "--threads {threads}");
         }
-        assert_eq!(runtime_workers(regscope.pid()), workers, "--threads {threads}: runtime worker threads");
+        assert_eq!(threads_named(regscope.pid(), "regscope-loop-"), extra_loops, "--threads {threads}: loop threads");
+        // No work-stealing runtime: each loop is a current-thread runtime.
+        assert_eq!(threads_named(regscope.pid(), "tokio-rt-worker"), 0, "--threads {threads}: runtime workers");
     }
 }
 

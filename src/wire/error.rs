@@ -63,6 +63,8 @@ pub enum SetupError {
     Otlp(String),
     #[error("binding {addr}: {source}")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("starting {threads} threads: {source}")]
+    Threads { threads: usize, source: std::io::Error },
 }
 
 impl ProxyError {

@@ -9,6 +9,7 @@ pub(crate) mod h1_front;
 pub mod headers;
 pub(crate) mod identity;
 pub(crate) mod location;
+pub(crate) mod loops;
 pub(crate) mod paired;
 pub(crate) mod proxy;
 pub(crate) mod proxy_protocol;

@@ -25,6 +25,7 @@ use crate::presentation::admin::Admin;
 use crate::protocol::Side;
 use crate::wire::front::{self, Front, Left};
 use crate::wire::headers;
+use crate::wire::loops::Loops;
 use crate::wire::paired::Pair;
 use crate::wire::proxy::{ConnInfo, Proxy};
 use crate::wire::proxy_protocol::{self, Source};
@@ -59,9 +60,10 @@ pub(crate) struct ProxyListener {
 }
 
 /// Runs the proxy and admin listeners until `shutdown` resolves, then stops accepting and
-/// lets in-flight connections finish for up to `grace`.
+/// lets in-flight connections finish for up to `grace`. Connections are served on `loops`.
 pub(crate) async fn run(
     proxy_listener: ProxyListener,
+    mut loops: Loops,
     admin_listener: TcpListener,
     proxy: Arc<Proxy>,
     admin: Arc<Admin>,
@@ -108,10 +110,9 @@ pub(crate) async fn run(
         let mut stop = stop_rx.clone();
         let header_read_timeout = limits.header_read_timeout;
         let proxy_protocol = limits.proxy_protocol;
-        tokio::spawn(async move {
+        loops.spawn(stream, move |mut stream| async move {
             let _slot = slot;
             let _open = Counted::new(proxy.recorders.metrics.connection_gauge(Side::Client));
-            let mut stream = stream;
             if proxy_protocol {
                 let header = tokio::select! {
                     header = proxy_protocol::read_header(&mut stream, header_read_timeout) => header,
@@ -170,6 +171,7 @@ pub(crate) async fn run(
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over, exiting with requests in flight"),
     }
     admin_task.abort();
+    drop(loops);
 }
 
 /// One builder per protocol (and read size): the protocol is decided before serving (ALPN, or
