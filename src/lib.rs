@@ -51,7 +51,8 @@ use tokio::net::TcpListener;
 
 use crate::body::Recorders;
 use crate::config::ServeConfig;
-use crate::limits::{admission, trim};
+use crate::limits::shares::Shares;
+use crate::limits::trim;
 use crate::metrics::Metrics;
 use crate::presentation::admin::Admin;
 use crate::recording::{Tracker, TrackerConfig};
@@ -86,6 +87,9 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         )
         .with_exporter(exporter.clone()),
     );
+    let threads =
+        config.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, usize::from), usize::from);
+    let loops = Loops::start(threads).map_err(|source| SetupError::Threads { threads, source })?;
     recording::spawn_sweeper(&tracker);
     trim::spawn();
     let recorders = Arc::new(Recorders { metrics: metrics.clone(), sink: tracker.clone() });
@@ -96,14 +100,15 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
             config.upstream_idle_timeout,
             &metrics,
             config.large_read_streams,
+            loops.len(),
         ),
         upstream: upstream.clone(),
         host_mode: config.host_header,
         response_timeout: config.upstream_response_timeout,
         stall_timeout: (!config.body_stall_timeout.is_zero()).then_some(config.body_stall_timeout),
-        admission: (config.upload_slots > 0).then(|| admission::Admission::uploads(config.upload_slots, &metrics)),
+        admission: (config.upload_slots > 0).then(|| Shares::uploads(config.upload_slots, loops.len(), &metrics)),
         download_admission: (config.download_slots > 0)
-            .then(|| admission::Admission::downloads(config.download_slots, &metrics)),
+            .then(|| Shares::downloads(config.download_slots, loops.len(), &metrics)),
         redirects: Arc::new(Redirects::new()),
         capture_storage: config.redirects == config::RedirectMode::Capture,
         capture_auth: config.auth_realms == config::RedirectMode::Capture,
@@ -131,9 +136,6 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         "listening"
     );
     let listener = ProxyListener { listener: proxy_listener, tls: tls_server };
-    let threads =
-        config.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, usize::from), usize::from);
-    let loops = Loops::start(threads).map_err(|source| SetupError::Threads { threads, source })?;
     let limits = server::Limits {
         header_read_timeout: config.header_read_timeout,
         max_header_bytes: config.max_header_bytes,

@@ -5,4 +5,5 @@
 pub(crate) mod admission;
 pub(crate) mod buffers;
 pub(crate) mod head_timeout;
+pub(crate) mod shares;
 pub(crate) mod trim;

@@ -27,7 +27,9 @@ impl Loops {
     pub(crate) fn start(threads: usize) -> io::Result<Self> {
         let mut loops = Loops { handles: vec![Handle::current()], threads: Vec::new(), next: 0 };
         for n in 1..threads {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // Its blocking pool (DNS lookups) is named apart from the loops.
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().thread_name("regscope-block").build()?;
             let (stop, stopped) = oneshot::channel();
             loops.handles.push(runtime.handle().clone());
             let thread = std::thread::Builder::new().name(format!("regscope-loop-{n}")).spawn(move || {
@@ -40,16 +42,21 @@ impl Loops {
         Ok(loops)
     }
 
-    /// Serves `stream` with `serve` on the next loop in turn.
+    /// How many loops there are.
+    pub(crate) fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Serves `stream` with `serve` on the next loop in turn; `serve` is told which (`0..len`).
     pub(crate) fn spawn<F, Fut>(&mut self, stream: TcpStream, serve: F)
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(TcpStream, usize) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let index = self.next;
         self.next = (index + 1) % self.handles.len();
         if index == 0 {
-            tokio::spawn(serve(stream));
+            tokio::spawn(serve(stream, 0));
             return;
         }
         // A socket is registered with one runtime's reactor: it leaves this one and joins the
@@ -60,7 +67,7 @@ impl Loops {
         };
         self.handles[index].spawn(async move {
             match TcpStream::from_std(stream) {
-                Ok(stream) => serve(stream).await,
+                Ok(stream) => serve(stream, index).await,
                 Err(error) => tracing::debug!(%error, "registering a connection with its loop failed"),
             }
         });
@@ -89,8 +96,9 @@ mod tests {
 
     use super::*;
 
-    /// The names of the threads that served `n` connections, and the connections' client ends.
-    async fn serving_threads(loops: &mut Loops, n: usize) -> (Vec<String>, Vec<std::net::TcpStream>) {
+    /// For each of `n` connections, the loop it was told it is on and the name of the thread that
+    /// served it, sorted; and the connections' client ends.
+    async fn served(loops: &mut Loops, n: usize) -> (Vec<(usize, String)>, Vec<std::net::TcpStream>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -99,32 +107,33 @@ mod tests {
             clients.push(std::net::TcpStream::connect(addr).unwrap());
             let (stream, _) = listener.accept().await.unwrap();
             let tx = tx.clone();
-            loops.spawn(stream, move |stream| async move {
+            loops.spawn(stream, move |stream, on_loop| async move {
                 let name = std::thread::current().name().unwrap_or_default().to_owned();
-                tx.send(name).unwrap();
+                tx.send((on_loop, name)).unwrap();
                 // Held open until the loop ends.
                 let _stream = stream;
                 std::future::pending::<()>().await;
             });
         }
-        let mut names = Vec::new();
+        let mut seen = Vec::new();
         for _ in 0..n {
-            names.push(rx.recv().await.unwrap());
+            seen.push(rx.recv().await.unwrap());
         }
-        (names, clients)
+        seen.sort();
+        (seen, clients)
     }
 
     #[tokio::test]
     async fn connections_are_dealt_in_turn_and_end_with_their_loops() {
         let mut loops = Loops::start(3).unwrap();
+        assert_eq!(loops.len(), 3);
         let here = std::thread::current().name().unwrap_or_default().to_owned();
-        let (names, mut clients) = serving_threads(&mut loops, 6).await;
-        let dealt = [here.as_str(), "regscope-loop-1", "regscope-loop-2"];
-        let mut sorted = names.clone();
-        sorted.sort();
-        let mut expected: Vec<String> = dealt.iter().chain(dealt.iter()).map(|s| s.to_string()).collect();
-        expected.sort();
-        assert_eq!(sorted, expected, "each loop served two connections");
+        let (seen, mut clients) = served(&mut loops, 6).await;
+        let expected: Vec<(usize, String)> = [(0, here.as_str()), (1, "regscope-loop-1"), (2, "regscope-loop-2")]
+            .into_iter()
+            .flat_map(|(i, name)| [(i, name.to_owned()), (i, name.to_owned())])
+            .collect();
+        assert_eq!(seen, expected, "each loop served two connections, on its own thread");
         drop(loops);
         // The two on this runtime stay open; the four on the ended loops are closed.
         let mut closed = 0;
@@ -141,7 +150,7 @@ mod tests {
     async fn one_loop_is_the_current_runtime_alone() {
         let mut loops = Loops::start(1).unwrap();
         let here = std::thread::current().name().unwrap_or_default().to_owned();
-        let (names, _clients) = serving_threads(&mut loops, 3).await;
-        assert_eq!(names, vec![here; 3]);
+        let (seen, _clients) = served(&mut loops, 3).await;
+        assert_eq!(seen, vec![(0, here); 3]);
     }
 }

@@ -17,8 +17,9 @@ use tokio::time::Instant;
 
 use crate::body::{Drain, TimedBody};
 use crate::body::{Exchange, Recorders, ResponseInfo};
-use crate::limits::admission::{self, Admission};
+use crate::limits::admission;
 use crate::limits::head_timeout::{EndsRequest, HeadClock};
+use crate::limits::shares::Shares;
 use crate::protocol::CAPTURE_LIMIT;
 use crate::protocol::{classify, Operation, Route};
 use crate::protocol::{percent_decode, query_param, BodyEnd, Direction, Party, Redirected};
@@ -58,6 +59,8 @@ pub(crate) struct ConnInfo {
     pub head_clock: Option<Arc<HeadClock>>,
     /// The connection's own upstream connection for small exchanges (HTTP/1, plain upstream).
     pub pair: Option<Arc<Pair>>,
+    /// The event loop serving the connection (see [`crate::wire::loops`]).
+    pub on_loop: usize,
 }
 
 impl ConnInfo {
@@ -79,9 +82,9 @@ pub(crate) struct Proxy {
     /// `None`: stall detection off.
     pub stall_timeout: Option<Duration>,
     /// `None`: uploads stream through without waiting for a slot.
-    pub admission: Option<Arc<Admission>>,
+    pub admission: Option<Shares>,
     /// `None`: blob downloads stream through without waiting for a slot.
-    pub download_admission: Option<Arc<Admission>>,
+    pub download_admission: Option<Shares>,
     pub recorders: Arc<Recorders>,
     /// Handles for redirects to other hosts and for token realms.
     pub redirects: Arc<Redirects>,
@@ -299,14 +302,14 @@ impl Proxy {
         // Held until the response head: the upstream connection is busy until then.
         let ticket = match &self.admission {
             Some(slots) if admission::needs_slot(exchange.info().operation, !sends_body, declared) => {
-                Some(slots.admit(exchange.clone()).await)
+                Some(slots.of_loop(conn.on_loop).admit(exchange.clone()).await)
             }
             _ => None,
         };
         // Held by the response body until it ends.
         let download_slot = match &self.download_admission {
             Some(slots) if admission::needs_download_slot(exchange.info().operation, &parts.method) => {
-                Some(Box::new(slots.admit(exchange.clone()).await) as Box<_>)
+                Some(Box::new(slots.of_loop(conn.on_loop).admit(exchange.clone()).await) as Box<_>)
             }
             _ => None,
         };
@@ -316,7 +319,7 @@ impl Proxy {
             Some(url) => url.authority().map_or("", |a| a.as_str()),
         };
         let request = Request::from_parts(parts, body);
-        let response = self.await_response(request, sends_body, pair, exchange, upstream_name).await;
+        let response = self.await_response(request, sends_body, pair, conn.on_loop, exchange, upstream_name).await;
         drop(ticket);
         let response = response?;
 

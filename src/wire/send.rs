@@ -23,12 +23,14 @@ impl Proxy {
     /// Sends the request and waits for the response head. The response timeout only starts
     /// once the request body has been fully forwarded: a 10 GiB upload is not a slow registry.
     /// `sends_body`: the request has a body to forward (as `forward` found it, once). `pair`:
-    /// the client connection's own upstream connection, tried first.
+    /// the client connection's own upstream connection, tried first. `on_loop`: the event loop
+    /// serving the client connection, whose pools it takes.
     pub(super) async fn await_response(
         &self,
         mut req: Request<UploadBody>,
         sends_body: bool,
         pair: Option<&Arc<Pair>>,
+        on_loop: usize,
         exchange: &Exchange,
         upstream: &str,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
@@ -59,7 +61,7 @@ impl Proxy {
                 }
             }
         }
-        let (client, stream) = self.upstreams.pick(sends_body);
+        let (client, stream) = self.upstreams.pick(sends_body, on_loop);
         exchange.hold(stream);
         let response = client.request(req);
         let result = if sends_body {

@@ -103,6 +103,7 @@ pub(crate) async fn run(
             drain: None,
             head_clock: None,
             pair: None,
+            on_loop: 0,
         };
         let watcher = graceful.watcher();
         let (tls, proxy, builders) = (proxy_listener.tls.clone(), proxy.clone(), builders.clone());
@@ -110,7 +111,8 @@ pub(crate) async fn run(
         let mut stop = stop_rx.clone();
         let header_read_timeout = limits.header_read_timeout;
         let proxy_protocol = limits.proxy_protocol;
-        loops.spawn(stream, move |mut stream| async move {
+        loops.spawn(stream, move |mut stream, on_loop| async move {
+            conn.on_loop = on_loop;
             let _slot = slot;
             let _open = Counted::new(proxy.recorders.metrics.connection_gauge(Side::Client));
             if proxy_protocol {

@@ -74,10 +74,11 @@ pub(crate) type UpstreamClient<B> = Client<Connector, B>;
 
 /// The registry behind one pool per read class (see [`crate::limits::buffers`]): each exchange takes
 /// a connection of the largest class the load allows (exchanges in flight, and open client
-/// connections when there are many).
+/// connections when there are many). Each event loop has pools of its own, so a pooled
+/// connection's task runs on the thread of the exchanges it serves (see [`crate::wire::loops`]).
 pub(crate) struct Upstreams<B> {
-    /// By class, from the largest.
-    pools: Vec<Pool<B>>,
+    /// By event loop, then by class, from the largest.
+    pools: Box<[Box<[Pool<B>]>]>,
     /// For connections outside the pools (see [`crate::wire::paired`]).
     connector: Connector,
     slots: Slots,
@@ -97,38 +98,44 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// `large_slots` exchanges at a time may read about 1 MiB at once.
+    /// `large_slots` exchanges at a time, on all `loops` together, may read about 1 MiB at once.
     pub(crate) fn new(
         tls: rustls::ClientConfig,
         connect_timeout: Duration,
         idle_timeout: Duration,
         metrics: &Metrics,
         large_slots: usize,
+        loops: usize,
     ) -> Self {
         let connector = connector(tls, connect_timeout, metrics);
         let slots = Slots::new(large_slots);
         // Idle connections keep their buffers: no more of a class than it may use at once, and
-        // after a burst of a thousand transfers, not a thousand either.
+        // after a burst of a thousand transfers, not a thousand either; the loops share that.
         let classes = slots.classes();
         let smallest = classes.len() - 1;
-        let pools = classes
-            .iter()
-            .enumerate()
-            .map(|(i, class)| {
-                let idle = if i < smallest { idle_timeout.min(LARGER_CLASS_IDLE) } else { idle_timeout };
-                let client = |reads| client(connector.clone(), reads, class.until.min(MAX_IDLE), idle);
-                let sending = (class.reads.sending() != class.reads).then(|| client(class.reads.sending()));
-                Pool { receiving: client(class.reads), sending }
-            })
-            .collect();
+        let loops = loops.max(1);
+        let pools_of_a_loop = || {
+            classes
+                .iter()
+                .enumerate()
+                .map(|(i, class)| {
+                    let idle = if i < smallest { idle_timeout.min(LARGER_CLASS_IDLE) } else { idle_timeout };
+                    let max_idle = class.until.min(MAX_IDLE).div_ceil(loops);
+                    let client = |reads| client(connector.clone(), reads, max_idle, idle);
+                    let sending = (class.reads.sending() != class.reads).then(|| client(class.reads.sending()));
+                    Pool { receiving: client(class.reads), sending }
+                })
+                .collect()
+        };
+        let pools = (0..loops).map(|_| pools_of_a_loop()).collect();
         Upstreams { pools, connector, slots, clients_open: metrics.open_clients() }
     }
 
-    /// The client for a new exchange, and the stream it counts as until the exchange is over.
-    /// `sends_body`: the request has a body to forward.
-    pub(crate) fn pick(&self, sends_body: bool) -> (&UpstreamClient<B>, Stream) {
+    /// The client for a new exchange on event loop `on_loop`, and the stream it counts as until
+    /// the exchange is over. `sends_body`: the request has a body to forward.
+    pub(crate) fn pick(&self, sends_body: bool, on_loop: usize) -> (&UpstreamClient<B>, Stream) {
         let stream = self.slots.start_with_open(self.clients_open.now());
-        let pool = &self.pools[stream.class()];
+        let pool = &self.pools[on_loop % self.pools.len()][stream.class()];
         let client = match &pool.sending {
             Some(sending) if sends_body => sending,
             _ => &pool.receiving,
@@ -271,7 +278,7 @@ mod tests {
         let metrics = Metrics::new(0);
         let tls = crate::wire::tls::client_config(None).unwrap();
         let upstreams: Upstreams<http_body_util::Empty<bytes::Bytes>> =
-            Upstreams::new(tls, Duration::from_secs(1), Duration::from_secs(90), &metrics, 4);
+            Upstreams::new(tls, Duration::from_secs(1), Duration::from_secs(90), &metrics, 4, 2);
         let classes = Slots::new(4).classes();
         let smallest = classes.len() - 1;
         let open = metrics.connection_gauge(crate::protocol::Side::Client);
@@ -280,8 +287,9 @@ mod tests {
             [((1, true), false), ((1, false), false), ((100, true), true), ((100, false), false)]
         {
             open.set(clients_open);
-            let (client, stream) = upstreams.pick(sends_body);
-            let pool = &upstreams.pools[stream.class()];
+            // An exchange on the second loop takes that loop's pools.
+            let (client, stream) = upstreams.pick(sends_body, 1);
+            let pool = &upstreams.pools[1][stream.class()];
             let in_own_pool = pool.sending.as_ref().is_some_and(|sending| std::ptr::eq(client, sending));
             let in_class_pool = std::ptr::eq(client, &pool.receiving);
             assert_eq!((in_own_pool, in_class_pool), (own_pool, !own_pool), "{clients_open} open, body {sends_body}");
