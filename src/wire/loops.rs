@@ -1,10 +1,12 @@
 //! Event loops: the accepting runtime and one current-thread runtime per further thread, each
 //! serving the connections handed to it.
 //!
-//! A connection stays on the loop it was given for its whole life, and its exchanges (with the
-//! paired upstream connection, see [`crate::wire::paired`]) run on that one thread: no request
-//! wakes another thread, and a thread with nothing to do sleeps in its own `epoll_wait` instead
-//! of handing work to a sibling. Connections are dealt in turn.
+//! A connection stays on the loop it was given for its whole life, and its exchanges run on that
+//! one thread: over its paired upstream connection (see [`crate::wire::paired`]) or the loop's
+//! own pools (see [`crate::wire::upstream::Upstreams`]), within the loop's share of the
+//! admission slots (see [`crate::limits::shares`]). No request wakes another thread, and a
+//! thread with nothing to do sleeps in its own `epoll_wait` instead of handing work to a
+//! sibling. Connections are dealt in turn.
 
 use std::future::Future;
 use std::io;
