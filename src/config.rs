@@ -114,14 +114,16 @@ pub struct ServeConfig {
     /// Uploads whose bodies stream through at once (starting an upload takes a slot too); the
     /// others wait, unread, until one ends or moves nothing for a second (its slot is then taken
     /// over). Each streaming upload holds 100–200 KiB of buffers, a waiting one about 40. Bodies
-    /// declaring 64 KiB or less, and the bodyless commit, need no slot. 0: no limit.
+    /// declaring 64 KiB or less, and the bodyless commit, need no slot. Divided among the
+    /// threads (fewer slots than threads are shared by all). 0: no limit.
     #[arg(long, env = "REGSCOPE_UPLOAD_SLOTS", default_value_t = 64)]
     pub upload_slots: usize,
 
     /// Blob downloads whose bodies stream through at once; the others wait before being
     /// forwarded, until one ends or sends its client nothing for a second (its slot is then
     /// taken over). A streaming download holds an upstream connection's buffers, a waiting one
-    /// only its client connection's. HEADs and manifests never wait. 0: no limit.
+    /// only its client connection's. HEADs and manifests never wait. Divided among the threads
+    /// as upload slots are. 0: no limit.
     #[arg(long, env = "REGSCOPE_DOWNLOAD_SLOTS", default_value_t = 64)]
     pub download_slots: usize,
 
