@@ -51,6 +51,7 @@ use tokio::net::TcpListener;
 
 use crate::body::Recorders;
 use crate::config::ServeConfig;
+use crate::limits::admission::Admission;
 use crate::limits::shares::Shares;
 use crate::limits::trim;
 use crate::metrics::Metrics;
@@ -106,9 +107,10 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> R
         host_mode: config.host_header,
         response_timeout: config.upstream_response_timeout,
         stall_timeout: (!config.body_stall_timeout.is_zero()).then_some(config.body_stall_timeout),
-        admission: (config.upload_slots > 0).then(|| Shares::uploads(config.upload_slots, loops.len(), &metrics)),
+        admission: (config.upload_slots > 0)
+            .then(|| Shares::new(config.upload_slots, loops.len(), Admission::uploads, &metrics)),
         download_admission: (config.download_slots > 0)
-            .then(|| Shares::downloads(config.download_slots, loops.len(), &metrics)),
+            .then(|| Shares::new(config.download_slots, loops.len(), Admission::downloads, &metrics)),
         redirects: Arc::new(Redirects::new()),
         capture_storage: config.redirects == config::RedirectMode::Capture,
         capture_auth: config.auth_realms == config::RedirectMode::Capture,

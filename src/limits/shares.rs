@@ -16,14 +16,15 @@ use crate::metrics::Metrics;
 pub(crate) struct Shares(Box<[Arc<Admission>]>);
 
 impl Shares {
-    /// `slots` uploads at a time, divided among `loops` event loops.
-    pub(crate) fn uploads(slots: usize, loops: usize, metrics: &Metrics) -> Shares {
-        Shares(split(slots, loops).into_iter().map(|share| Admission::uploads(share, metrics)).collect())
-    }
-
-    /// `slots` blob downloads at a time, divided among `loops` event loops.
-    pub(crate) fn downloads(slots: usize, loops: usize, metrics: &Metrics) -> Shares {
-        Shares(split(slots, loops).into_iter().map(|share| Admission::downloads(share, metrics)).collect())
+    /// `slots` at a time, divided among `loops` event loops; `kind` makes one share's
+    /// admission ([`Admission::uploads`] or [`Admission::downloads`]).
+    pub(crate) fn new(
+        slots: usize,
+        loops: usize,
+        kind: fn(usize, &Metrics) -> Arc<Admission>,
+        metrics: &Metrics,
+    ) -> Shares {
+        Shares(split(slots, loops).into_iter().map(|share| kind(share, metrics)).collect())
     }
 
     /// The slots that a connection on loop `on_loop` waits for.
@@ -68,10 +69,10 @@ mod tests {
     #[test]
     fn a_loop_waits_for_its_own_share() {
         let metrics = Metrics::new(0);
-        let shares = Shares::downloads(4, 2, &metrics);
+        let shares = Shares::new(4, 2, Admission::downloads, &metrics);
         assert!(!std::ptr::eq(shares.of_loop(0), shares.of_loop(1)));
         assert!(std::ptr::eq(shares.of_loop(0), shares.of_loop(2)), "loops beyond the shares wrap");
-        let one = Shares::uploads(1, 2, &metrics);
+        let one = Shares::new(1, 2, Admission::uploads, &metrics);
         assert!(std::ptr::eq(one.of_loop(0), one.of_loop(1)), "one slot is one line for all");
     }
 }

@@ -131,11 +131,12 @@ where
         Upstreams { pools, connector, slots, clients_open: metrics.open_clients() }
     }
 
-    /// The client for a new exchange on event loop `on_loop`, and the stream it counts as until
-    /// the exchange is over. `sends_body`: the request has a body to forward.
+    /// The client for a new exchange on event loop `on_loop` (below the `loops` it was made
+    /// for), and the stream it counts as until the exchange is over. `sends_body`: the request
+    /// has a body to forward.
     pub(crate) fn pick(&self, sends_body: bool, on_loop: usize) -> (&UpstreamClient<B>, Stream) {
         let stream = self.slots.start_with_open(self.clients_open.now());
-        let pool = &self.pools[on_loop % self.pools.len()][stream.class()];
+        let pool = &self.pools[on_loop][stream.class()];
         let client = match &pool.sending {
             Some(sending) if sends_body => sending,
             _ => &pool.receiving,
