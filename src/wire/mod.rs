@@ -4,6 +4,7 @@
 pub(crate) mod elsewhere;
 pub(crate) mod error;
 pub(crate) mod front;
+pub(crate) mod gather;
 pub(crate) mod h1;
 pub(crate) mod h1_front;
 pub mod headers;

@@ -26,6 +26,7 @@ use crate::protocol::{percent_decode, query_param, BodyEnd, Direction, Party, Re
 use crate::traces::{parse_traceparent, traceparent, RequestTrace, SpanId};
 use crate::wire::elsewhere;
 use crate::wire::error::ProxyError;
+use crate::wire::gather::{self, Gathering};
 use crate::wire::headers::{self, ClientView, HostMode, Origin};
 use crate::wire::identity::{self, Cidr};
 use crate::wire::paired::Pair;
@@ -61,6 +62,8 @@ pub(crate) struct ConnInfo {
     pub pair: Option<Arc<Pair>>,
     /// The event loop serving the connection (see [`crate::wire::loops`]).
     pub on_loop: usize,
+    /// Whether its socket gathers a streaming body's reads (plain HTTP/1, see [`gather`]).
+    pub gathering: Option<Arc<Gathering>>,
 }
 
 impl ConnInfo {
@@ -290,8 +293,10 @@ impl Proxy {
         }
         let body = match body {
             Some(body) => {
-                let mut body =
-                    TimedBody::new(body, Direction::Upload, exchange.clone()).stall_timeout(self.stall_timeout);
+                let streaming = conn.gathering.as_ref().filter(|_| gather::worth_gathering(declared));
+                let mut body = TimedBody::new(body, Direction::Upload, exchange.clone())
+                    .stall_timeout(self.stall_timeout)
+                    .hold(streaming.map(|gathering| Box::new(gathering.start()) as Box<_>));
                 if exchange.info().operation == Operation::ManifestPut {
                     body = body.capture(CAPTURE_LIMIT, declared);
                 }

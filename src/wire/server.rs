@@ -24,6 +24,7 @@ use crate::metrics::Counted;
 use crate::presentation::admin::Admin;
 use crate::protocol::Side;
 use crate::wire::front::{self, Front, Left};
+use crate::wire::gather::{Gathered, Gathering};
 use crate::wire::headers;
 use crate::wire::loops::Loops;
 use crate::wire::paired::Pair;
@@ -104,6 +105,7 @@ pub(crate) async fn run(
             head_clock: None,
             pair: None,
             on_loop: 0,
+            gathering: None,
         };
         let watcher = graceful.watcher();
         let (tls, proxy, builders) = (proxy_listener.tls.clone(), proxy.clone(), builders.clone());
@@ -289,10 +291,12 @@ impl Builders {
         mut stream: TcpStream,
         large_reads: &Slots,
         proxy: Arc<Proxy>,
-        conn: ConnInfo,
+        mut conn: ConnInfo,
         watcher: Watcher,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), hyper::Error> {
+        let gathering = Arc::new(Gathering::default());
+        conn.gathering = Some(gathering.clone());
         let h1 = H1::new(&proxy, conn);
         let slot = large_reads.start();
         let served = cut_when_idle(
@@ -320,7 +324,7 @@ impl Builders {
                         Left::ToHyper(read) => read,
                     }
                 };
-                let io = Prefixed::new(read, TokioIo::new(stream));
+                let io = Prefixed::new(read, TokioIo::new(Gathered::new(stream, gathering)));
                 self.serve_h1(io, slot.large(), &h1, proxy.clone(), watcher).await
             },
             &h1.clock,
