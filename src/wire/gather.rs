@@ -1,14 +1,15 @@
-//! Fewer wake-ups while a client streams a request body: the kernel wakes us per 32 KiB, not
-//! per write.
+//! Fewer wake-ups while a client streams a request body: the kernel wakes us per 32 to 128 KiB,
+//! not per write.
 //!
 //! `docker push` sends a layer in 32 KiB chunks, each in three writes (4 KiB, the rest, CRLF).
 //! Woken per write, the proxy read and forwarded each piece on its own, so the registry was woken
 //! as often, and the wake-ups of both competed with the daemon's compression for the same cores.
 //! While a streaming body is in flight, the client socket's `SO_RCVLOWAT` makes the kernel
-//! signal it readable only once [`GATHER`] bytes wait. Bytes below the mark are never signalled,
-//! so a read that finds nothing arms a timer: within [`WITHIN`] the mark drops back to one byte
-//! and stays there until a read returns data. A body's tail, or a client that pauses, so waits at
-//! most that long, and the connection can never stall on the mark.
+//! signal it readable only once a quarter of its receive buffer waits, up to [`GATHER`]. Bytes
+//! below the mark are never signalled, so a read that finds nothing arms a timer: within
+//! [`WITHIN`] the mark drops back to one byte and stays there until a read returns data. A body's
+//! tail, or a client that pauses, so waits at most that long, and the connection can never stall
+//! on the mark.
 //!
 //! Only the socket's reads change; nothing is held back in the proxy.
 
@@ -24,10 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-/// The most bytes a read waits for: docker's chunk, whole. At most a quarter of the socket's
-/// receive buffer: a mark above about half of it makes Linux grow the buffer and clamp the
-/// window to the mark.
-pub(crate) const GATHER: usize = 32 * 1024;
+/// The most bytes a read waits for: four of docker's chunks. The mark is at most a quarter of the
+/// socket's receive buffer, read each time it is raised (the buffer grows as the body streams):
+/// a mark above about half of it makes Linux grow the buffer and clamp the window to the mark.
+pub(crate) const GATHER: usize = 128 * 1024;
 
 /// The longest bytes below the mark wait before they are read anyway.
 pub(crate) const WITHIN: Duration = Duration::from_millis(1);
@@ -67,8 +68,6 @@ pub(crate) fn worth_gathering(declared: Option<u64>) -> bool {
 pub(crate) struct Gathered {
     stream: TcpStream,
     gathering: Arc<Gathering>,
-    /// The mark this socket has, once it was raised: `GATHER` capped by its receive buffer.
-    mark: Option<i32>,
     /// Whether the socket's mark is up now.
     raised: bool,
     /// Set when the timer dropped the mark: it stays down until a read returns data.
@@ -80,18 +79,18 @@ pub(crate) struct Gathered {
 
 impl Gathered {
     pub(crate) fn new(stream: TcpStream, gathering: Arc<Gathering>) -> Self {
-        Gathered { stream, gathering, mark: None, raised: false, lowered: false, timer: None, armed: false }
+        Gathered { stream, gathering, raised: false, lowered: false, timer: None, armed: false }
     }
 
     fn set_mark(&mut self, up: bool) {
-        let mark = if up { *self.mark.get_or_insert_with(|| mark_for(&self.stream)) } else { 1 };
+        let mark = if up { mark_for(&self.stream) } else { 1 };
         self.raised = up;
         // A socket that refuses the option just wakes us per write, as it did before.
         let _ = set_rcvlowat(&self.stream, mark);
     }
 }
 
-/// `GATHER`, capped at a quarter of the socket's receive buffer.
+/// A quarter of the socket's receive buffer now, at most `GATHER`.
 fn mark_for(stream: &TcpStream) -> i32 {
     let buffer = socket2::SockRef::from(stream).recv_buffer_size().unwrap_or(GATHER * 4);
     i32::try_from(GATHER.min(buffer / 4).max(1)).unwrap_or(1)
@@ -223,6 +222,8 @@ mod tests {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     #[tokio::test]
     async fn gathers_writes_into_one_read_and_lets_go_when_the_body_ends() {
+        // docker's chunk, the mark at Linux's default receive buffer (128 KiB).
+        const CHUNK: usize = 32 * 1024;
         let (mut client, server) = pair().await;
         let gathering = Arc::new(Gathering::default());
         let streaming = gathering.start();
@@ -232,7 +233,7 @@ mod tests {
         let reader = tokio::spawn(async move {
             let mut sizes = Vec::new();
             let mut total = 0;
-            while total < 8 * GATHER {
+            while total < 8 * CHUNK {
                 let n = gathered.read(&mut buf).await.unwrap();
                 sizes.push(n);
                 total += n;
@@ -241,13 +242,13 @@ mod tests {
         });
         // A chunk in three writes, as docker sends one, eight times over.
         for _ in 0..8 {
-            for piece in [4096, GATHER - 4096 - 2, 2] {
+            for piece in [4096, CHUNK - 4096 - 2, 2] {
                 client.write_all(&vec![1u8; piece]).await.unwrap();
                 tokio::task::yield_now().await;
             }
         }
         let (mut gathered, sizes) = reader.await.unwrap();
-        assert_eq!(sizes.iter().sum::<usize>(), 8 * GATHER);
+        assert_eq!(sizes.iter().sum::<usize>(), 8 * CHUNK);
         assert!(sizes.len() <= 12, "one read per chunk or close to it: {sizes:?}");
         // The body ended: a request head is read at once, without waiting for the timer.
         drop(streaming);
