@@ -74,6 +74,8 @@ pub(crate) struct Gathered {
     lowered: bool,
     /// Made on the first gathered read; re-armed, never reallocated.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `timer` holds the deadline of the wait in progress (set by its first `Pending`,
+    /// cleared by any read that completes).
     armed: bool,
 }
 
