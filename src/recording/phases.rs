@@ -110,9 +110,7 @@ pub(super) fn upload_phases(requests: &[&RequestView]) -> UploadPhases {
         return p;
     };
     p.total = last - first;
-    let mut on_wire = 0.0;
     for r in requests {
-        on_wire += r.duration();
         match role(r.operation) {
             Some(Phase::Start) => p.start += r.duration(),
             Some(Phase::Transfer) => {
@@ -133,9 +131,25 @@ pub(super) fn upload_phases(requests: &[&RequestView]) -> UploadPhases {
             _ => {}
         }
     }
-    // Overlapping requests of one upload are unusual; never report a negative gap.
-    p.gap = (p.total - on_wire).max(0.0);
+    // The time no request was on the wire, as `upload_pieces` draws it. A request's end can be
+    // recorded just after the client sent the next one, so overlaps are not counted twice.
+    p.gap = (p.total - on_wire(requests)).max(0.0);
     p
+}
+
+/// How long at least one of the requests was on the wire: their union, overlaps counted once.
+fn on_wire(requests: &[&RequestView]) -> f64 {
+    let mut spans: Vec<(f64, f64)> = requests.iter().map(|r| (r.start, r.end)).collect();
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut total, mut covered) = (0.0, f64::NEG_INFINITY);
+    for (start, end) in spans {
+        let from = start.max(covered);
+        if end > from {
+            total += end - from;
+            covered = end;
+        }
+    }
+    total
 }
 
 /// Adds a transfer-carrying request's split: body waits by side, registry processing, and
@@ -229,6 +243,30 @@ mod tests {
         let s = p.transfer_split;
         assert!(close(s.client, 8.0) && close(s.registry, 0.2) && close(s.moving, 1.8), "{s:?}");
         assert_eq!(upload_outcome(&[&post, &patch, &put], false), UploadOutcome::Committed);
+    }
+
+    /// The report's gap is the pieces' gaps summed, also when one request's recorded end falls
+    /// after the next one's start (its response seen out only once the next request was read).
+    #[test]
+    fn the_gap_is_the_time_no_request_was_on_the_wire() {
+        // (POST end, PATCH start, PATCH end, PUT start) -> gap
+        for ((post_end, patch_start, patch_end, put_start), gap) in [
+            ((0.1, 0.5, 10.5, 11.0), 0.9),
+            ((0.6, 0.5, 10.5, 11.0), 0.5),
+            ((0.6, 0.5, 11.2, 11.0), 0.0),
+            ((0.1, 0.1, 10.5, 10.5), 0.0),
+        ] {
+            let post = req(Operation::UploadStart, 0.0, post_end, 202);
+            let patch = req(Operation::UploadChunk, patch_start, patch_end, 202);
+            let put = req(Operation::UploadFinish, put_start, 11.4, 201);
+            let p = upload_phases(&[&put, &post, &patch]);
+            let pieces: f64 = upload_pieces(&[&post, &patch, &put])
+                .into_iter()
+                .filter(|piece| piece.0 == Phase::Gap)
+                .map(|(_, from, to)| to - from)
+                .sum();
+            assert!(close(p.gap, gap) && close(pieces, gap), "{post_end} {patch_start}: {p:?}, pieces {pieces}");
+        }
     }
 
     #[test]
