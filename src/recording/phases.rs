@@ -131,25 +131,12 @@ pub(super) fn upload_phases(requests: &[&RequestView]) -> UploadPhases {
             _ => {}
         }
     }
-    // The time no request was on the wire, as `upload_pieces` draws it. A request's end can be
-    // recorded just after the client sent the next one, so overlaps are not counted twice.
-    p.gap = (p.total - on_wire(requests)).max(0.0);
+    // The time no request was on the wire: the gaps `upload_pieces` draws, so the report and the
+    // trace agree by construction. A request's end can be recorded just after the client sent
+    // the next one; the pieces count such overlaps once.
+    p.gap =
+        upload_pieces(requests).into_iter().filter(|piece| piece.0 == Phase::Gap).map(|(_, from, to)| to - from).sum();
     p
-}
-
-/// How long at least one of the requests was on the wire: their union, overlaps counted once.
-fn on_wire(requests: &[&RequestView]) -> f64 {
-    let mut spans: Vec<(f64, f64)> = requests.iter().map(|r| (r.start, r.end)).collect();
-    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (mut total, mut covered) = (0.0, f64::NEG_INFINITY);
-    for (start, end) in spans {
-        let from = start.max(covered);
-        if end > from {
-            total += end - from;
-            covered = end;
-        }
-    }
-    total
 }
 
 /// Adds a transfer-carrying request's split: body waits by side, registry processing, and

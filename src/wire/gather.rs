@@ -224,7 +224,7 @@ mod tests {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     #[tokio::test]
     async fn gathers_writes_into_one_read_and_lets_go_when_the_body_ends() {
-        // docker's chunk, the mark at Linux's default receive buffer (128 KiB).
+        // docker's chunk: the mark, a quarter of Linux's default receive buffer (128 KiB).
         const CHUNK: usize = 32 * 1024;
         let (mut client, server) = pair().await;
         let gathering = Arc::new(Gathering::default());
